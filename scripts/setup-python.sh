@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates the project's Python environment outside the repo, keyed by pyproject.toml's hash,
+# installs the project into it (editable) and generates the CSI stubs from the spec's csi.proto.
+# Prints the venv path. Idempotent.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${VMT_CACHE:-$HOME/.cache/vmthunder}
+key=$(sha256sum "$top/pyproject.toml" | cut -c1-12)
+venv=$CACHE/venv-$key
+if [ ! -x "$venv/bin/vmthunder" ] || [ ! -f "$venv/.complete" ]; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip >&2
+  "$venv/bin/pip" install -q -e "$top[dev]" >&2
+  touch "$venv/.complete"
+fi
+ln -sfn "$venv" "$CACHE/venv"
+echo "$venv"
