@@ -101,6 +101,16 @@ fetch_csi_proto() {
   cp "$dir/csi.proto" "$CACHE/csi-spec-$CSI_SPEC_VERSION/csi.proto"
 }
 
+link() {  # unversioned names for the current pins, so callers need not know the versions
+  case $1 in
+    etcd) ln -sf etcd-$ETCD_VERSION "$BIN/etcd" ;;
+    kubernetes) for c in kube-apiserver kube-controller-manager kubectl; do ln -sf $c-$K8S_VERSION "$BIN/$c"; done ;;
+    helm) ln -sf helm-$HELM_VERSION "$BIN/helm" ;;
+    csi-sanity) ln -sf csi-sanity-$CSI_SANITY_VERSION "$BIN/csi-sanity" ;;
+    csi-proto) ln -sfn csi-spec-$CSI_SPEC_VERSION "$CACHE/csi-spec" ;;
+  esac
+}
+
 want=${*:-etcd kubernetes helm csi-sanity csi-proto}
 for t in $want; do
   case $t in
@@ -111,10 +121,6 @@ for t in $want; do
     csi-proto) fetch_csi_proto ;;
     *) echo "unknown tool: $t" >&2; exit 2 ;;
   esac
+  link "$t"
 done
-# Unversioned names for the current pins, so callers need not know the versions.
-ln -sf etcd-$ETCD_VERSION "$BIN/etcd" 2>/dev/null || true
-for c in kube-apiserver kube-controller-manager kubectl; do ln -sf $c-$K8S_VERSION "$BIN/$c"; done
-ln -sf helm-$HELM_VERSION "$BIN/helm"; ln -sf csi-sanity-$CSI_SANITY_VERSION "$BIN/csi-sanity"
-ln -sfn csi-spec-$CSI_SPEC_VERSION "$CACHE/csi-spec"
 log "done: $BIN"

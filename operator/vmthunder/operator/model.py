@@ -1,0 +1,98 @@
+"""The custom resources' names and the typed facts the operator plans from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+GROUP: Final = "vmthunder.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+IMAGE_CACHES: Final = "imagecaches"
+IMAGE_REPLICAS: Final = "imagereplicas"
+IMAGE_VOLUMES: Final = "imagevolumes"
+
+LABEL_IMAGE_CACHE: Final = "vmthunder.io/image-cache"
+LABEL_NODE: Final = "vmthunder.io/node"
+
+# Phases of a replica, in the order a node goes through them.
+REPLICA_PHASES: Final = (
+    "Pending", "Attaching", "Attached", "Hydrating", "Hydrated", "Detached", "Failed",
+)
+HYDRATED_PHASES: Final = frozenset({"Hydrated", "Detached"})
+
+
+def replica_name(image_cache: str, node: str) -> str:
+    """One replica per image and node; both are DNS subdomains, so the dot join is one too."""
+    return f"{image_cache}.{node}"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The parts of an ImageCache's spec the operator plans from."""
+
+    fanout: int = 4
+    origin_fanout: int | None = None
+    node_selector: Mapping[str, str] | None = None  # None: no pre-warming, volumes only
+    topology_key: str = "topology.kubernetes.io/zone"
+
+    @staticmethod
+    def from_spec(spec: Mapping[str, Any]) -> CacheSpec:
+        selector = spec.get("nodeSelector")
+        return CacheSpec(
+            fanout=int(spec.get("fanout", 4)),
+            origin_fanout=spec.get("originFanout"),
+            node_selector=dict(selector) if selector is not None else None,
+            topology_key=str(spec.get("topologyKey", "topology.kubernetes.io/zone")),
+        )
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    name: str
+    ready: bool
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def from_node(name: str, labels: Mapping[str, str], status: Mapping[str, Any]) -> NodeFacts:
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+        return NodeFacts(name, ready, dict(labels))
+
+
+@dataclass(frozen=True)
+class ReplicaFacts:
+    name: str
+    image_cache: str
+    node: str
+    parent: str
+    depth: int
+    phase: str = "Pending"
+    heartbeat: datetime | None = None
+    bytes_from_parent: int = 0
+    hydrated_regions: int = 0
+    total_regions: int = 0
+
+    @property
+    def hydrated(self) -> bool:
+        return self.phase in HYDRATED_PHASES
+
+    @staticmethod
+    def from_object(name: str, spec: Mapping[str, Any], status: Mapping[str, Any]) -> ReplicaFacts:
+        beat = status.get("heartbeat")
+        return ReplicaFacts(
+            name=name,
+            image_cache=str(spec.get("imageCache", "")),
+            node=str(spec.get("node", "")),
+            parent=str(spec.get("parent", "")),
+            depth=int(spec.get("depth", 0)),
+            phase=str(status.get("phase", "Pending")),
+            heartbeat=datetime.fromisoformat(beat.replace("Z", "+00:00")) if beat else None,
+            bytes_from_parent=int(status.get("bytesFromParent", 0)),
+            hydrated_regions=int(status.get("hydratedRegions", 0)),
+            total_regions=int(status.get("totalRegions", 0)),
+        )

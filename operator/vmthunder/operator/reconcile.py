@@ -1,0 +1,156 @@
+"""Pure reconciliation: from what the API server holds to the replicas that should exist.
+
+No I/O and no clock: the caller passes `now` and applies the returned plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from vmthunder.operator.model import CacheSpec, NodeFacts, ReplicaFacts, replica_name
+from vmthunder.operator.planner import ORIGIN, NodeState, Placement, plan_tree
+
+# A replica whose agent has not reported for this long is treated as unhealthy: its children
+# move elsewhere, and it gets no new children until it reports again.
+HEARTBEAT_STALE_AFTER = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    name: str
+    node: str
+    parent: str
+    depth: int
+
+
+@dataclass(frozen=True)
+class Reparent:
+    node: str
+    old_parent: str
+    new_parent: str
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    phase: str
+    node_count: int
+    hydrated_count: int
+    tree_depth: int
+    origin_bytes_served: int
+    failed_nodes: tuple[str, ...] = ()
+
+    def as_patch(self, generation: int | None) -> dict[str, Any]:
+        patch: dict[str, Any] = {
+            "phase": self.phase,
+            "nodeCount": self.node_count,
+            "hydratedCount": self.hydrated_count,
+            "treeDepth": self.tree_depth,
+            "originBytesServed": self.origin_bytes_served,
+        }
+        if generation is not None:
+            patch["observedGeneration"] = generation
+        return patch
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    create: tuple[ReplicaSpec, ...] = ()
+    update: tuple[ReplicaSpec, ...] = ()
+    delete: tuple[str, ...] = ()
+    reparented: tuple[Reparent, ...] = ()
+    status: CacheStatus = field(default_factory=lambda: CacheStatus("Pending", 0, 0, 0, 0))
+
+    @property
+    def writes(self) -> int:
+        return len(self.create) + len(self.update) + len(self.delete)
+
+
+def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
+    """A missing selector selects nothing (on demand only); an empty one selects every node."""
+    if selector is None:
+        return False
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def is_healthy(replica: ReplicaFacts | None, now: datetime) -> bool:
+    if replica is None:
+        return True  # not created yet: nothing says it is unhealthy
+    if replica.phase == "Failed":
+        return False
+    return replica.heartbeat is None or now - replica.heartbeat <= HEARTBEAT_STALE_AFTER
+
+
+def plan_replicas(
+    cache_name: str,
+    spec: CacheSpec,
+    nodes: Iterable[NodeFacts],
+    replicas: Iterable[ReplicaFacts],
+    volume_nodes: Collection[str],
+    now: datetime,
+) -> ReplicaPlan:
+    """Decides which replicas to create, re-parent and delete, and the cache's status."""
+    nodes_by_name = {n.name: n for n in nodes}
+    current = {r.node: r for r in replicas if r.image_cache == cache_name}
+    members = sorted(
+        name
+        for name, node in nodes_by_name.items()
+        if name in volume_nodes or selects(spec.node_selector, node.labels)
+    )
+
+    states = []
+    for name in members:
+        node = nodes_by_name[name]
+        replica = current.get(name)
+        states.append(
+            NodeState(
+                name=name,
+                ready=node.ready and is_healthy(replica, now),
+                topology=node.labels.get(spec.topology_key),
+                parent=replica.parent if replica else None,
+                hydrated=replica.hydrated if replica else False,
+            )
+        )
+    placements = plan_tree(states, spec.fanout, spec.origin_fanout)
+
+    create, update, reparented = [], [], []
+    for name in members:
+        placement = placements.get(name)
+        replica = current.get(name)
+        if placement is None:
+            continue  # not ready or unhealthy: keep its replica as it is until it recovers
+        desired = ReplicaSpec(replica_name(cache_name, name), name, placement.parent, placement.depth)
+        if replica is None:
+            create.append(desired)
+        elif (replica.parent, replica.depth) != (placement.parent, placement.depth):
+            update.append(desired)
+            if replica.parent != placement.parent:
+                reparented.append(Reparent(name, replica.parent, placement.parent))
+    member_set = set(members)
+    delete = sorted(r.name for node, r in current.items() if node not in member_set)
+
+    status = aggregate_status(
+        [r for n, r in current.items() if n in member_set], placements, len(members)
+    )
+    return ReplicaPlan(tuple(create), tuple(update), tuple(delete), tuple(reparented), status)
+
+
+def aggregate_status(
+    replicas: Iterable[ReplicaFacts], placements: Mapping[str, Placement], node_count: int
+) -> CacheStatus:
+    replicas = list(replicas)
+    hydrated = sum(1 for r in replicas if r.hydrated)
+    failed = tuple(sorted(r.node for r in replicas if r.phase == "Failed"))
+    origin_bytes = sum(r.bytes_from_parent for r in replicas if r.parent == ORIGIN)
+    depth = max((p.depth for p in placements.values()), default=0)
+    if node_count == 0:
+        phase = "Pending"
+    elif failed:
+        phase = "Degraded"
+    elif hydrated == node_count:
+        phase = "Ready"
+    else:
+        phase = "Distributing"
+    return CacheStatus(phase, node_count, hydrated, depth, origin_bytes, failed)
