@@ -6,14 +6,31 @@ import argparse
 import sys
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from vmthunder.operator.main import run_operator
+
+    return run_operator(priority=args.priority, metrics_port=args.metrics_port,
+                        liveness_port=args.liveness_port)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmthunder", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("version", help="print the version")
+
+    sub.add_parser("version", help="print the version").set_defaults(
+        func=lambda _: print("vmthunder 0.1.0") or 0
+    )
+
+    op = sub.add_parser("operator", help="run the operator (kopf; replicas elect one leader)")
+    op.add_argument("--priority", type=int, default=0,
+                    help="peering priority: the highest active replica works, others wait")
+    op.add_argument("--metrics-port", type=int, default=9090)
+    op.add_argument("--liveness-port", type=int, default=0, help="0: no liveness endpoint")
+    op.set_defaults(func=_operator)
+
     args = parser.parse_args(argv)
-    if args.command == "version":
-        print("vmthunder 0.1.0")
-    return 0
+    result: int = args.func(args)
+    return result
 
 
 if __name__ == "__main__":
