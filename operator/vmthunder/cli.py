@@ -13,6 +13,12 @@ def _operator(args: argparse.Namespace) -> int:
                         liveness_port=args.liveness_port)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from vmthunder.lab.demo import run_demo
+
+    return run_demo(nodes=args.nodes, zones=args.zones, fanout=args.fanout)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmthunder", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--metrics-port", type=int, default=9090)
     op.add_argument("--liveness-port", type=int, default=0, help="0: no liveness endpoint")
     op.set_defaults(func=_operator)
+
+    demo = sub.add_parser("demo", help="the local lab's main run")
+    demo.add_argument("--nodes", type=int, default=24)
+    demo.add_argument("--zones", type=int, default=3)
+    demo.add_argument("--fanout", type=int, default=3)
+    demo.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)
