@@ -15,4 +15,5 @@ if [ ! -x "$venv/bin/vmthunder" ] || [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 ln -sfn "$venv" "$CACHE/venv"
+"$top/scripts/gen-csi-stubs.sh" "$venv/bin/python" >&2
 echo "$venv"
