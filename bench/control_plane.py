@@ -48,9 +48,7 @@ def run_size(n: int, workdir: Path) -> dict[str, float]:
     cp: ControlPlane = start_control_plane(workdir)
     operator = None
     try:
-        cp.kubectl("apply", "-f", str(REPO / "deploy" / "crds"))
-        cp.kubectl("wait", "--for=condition=Established", "crd", "--all")
-        cp.kubectl("apply", "-f", str(REPO / "deploy" / "peering.yaml"))
+        cp.install_vmthunder_crds()
         client = kubernetes.config.new_client_from_config(str(cp.kubeconfig))
         core = kubernetes.client.CoreV1Api(client)
         custom = kubernetes.client.CustomObjectsApi(client)

@@ -17,9 +17,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     """One API server for the session, with the project's CRDs applied as a user would."""
     cp = start_control_plane(tmp_path_factory.mktemp("control-plane"))
     try:
-        cp.kubectl("apply", "-f", str(REPO / "deploy" / "crds"))
-        cp.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-        cp.kubectl("apply", "-f", str(REPO / "deploy" / "peering.yaml"))
+        cp.install_vmthunder_crds()
         yield cp
     finally:
         cp.stop()

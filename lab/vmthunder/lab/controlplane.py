@@ -18,6 +18,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("VMT_CACHE", Path.home() / ".cache" / "vmthunder"))
 BIN = CACHE / "bin"
+REPO = Path(__file__).resolve().parents[3]
 SERVICE_CIDR = "10.96.0.0/16"
 
 
@@ -69,6 +71,23 @@ class ControlPlane:
             raise ControlPlaneError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result
 
+    def install_vmthunder_crds(self) -> None:
+        """Applies the project's CRDs as a user would, and the operator's peering object."""
+        self.kubectl("apply", "-f", str(REPO / "deploy" / "crds"))
+        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        self.kubectl("apply", "-f", str(REPO / "deploy" / "peering.yaml"))
+
+    def spawn_operator(
+        self, log: Path, priority: int = 0, metrics_port: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """The operator as a real process (`vmthunder operator`) against this API server."""
+        with open(log, "wb") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "vmthunder.cli", "operator", "--priority", str(priority),
+                 "--metrics-port", str(metrics_port or free_port())],
+                env={**self.env(), "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
+            )
+
     def env(self) -> dict[str, str]:
         """Environment for a child process (operator, CSI driver) to reach this API server."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
@@ -100,9 +119,10 @@ def _openssl(*args: str) -> None:
 def _make_pki(pki: Path, sans: Sequence[str]) -> None:
     pki.mkdir(parents=True, exist_ok=True)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
-             "-keyout", str(pki / "ca.key"), "-out", str(pki / "ca.crt"), "-subj", "/CN=vmthunder-ca")
+             "-keyout", str(pki / "ca.key"), "-out", str(pki / "ca.crt"),
+             "-subj", "/CN=vmthunder-ca")
     alt = ",".join(
-        [f"IP:{s}" if s.replace(".", "").isdigit() else f"DNS:{s}" for s in sans]
+        [f"IP:{san}" if san.replace(".", "").isdigit() else f"DNS:{san}" for san in sans]
         + ["DNS:kubernetes", "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
            "DNS:kubernetes.default.svc.cluster.local", "DNS:localhost", "IP:10.96.0.1"]
     )
@@ -143,10 +163,12 @@ def _wait_ready(cp: ControlPlane, timeout: float) -> None:
             if proc.poll() is not None:
                 log = (cp.workdir / f"{name}.log").read_text()[-3000:]
                 raise ControlPlaneError(f"{name} exited with {proc.returncode}:\n{log}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(request, context=ctx, timeout=2) as response:
-                if response.status == 200:
-                    return
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(request, context=ctx, timeout=2) as response,
+        ):
+            if response.status == 200:
+                return
         if time.monotonic() > deadline:
             raise ControlPlaneError(f"kube-apiserver not ready after {timeout:.0f} s")
         time.sleep(0.2)

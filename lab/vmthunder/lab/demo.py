@@ -5,7 +5,6 @@ Prints the tree the operator planned. (The full lab run, with guests booting VMs
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import kubernetes
 import yaml
 
-from vmthunder.lab.controlplane import free_port, start_control_plane
+from vmthunder.lab.controlplane import start_control_plane
 from vmthunder.lab.nodes import ZONE_LABEL, register_nodes
 from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, VERSION
 from vmthunder.operator.treeview import render_tree
@@ -29,9 +28,7 @@ def run_demo(nodes: int = 24, zones: int = 3, fanout: int = 3) -> int:
         operator = None
         try:
             print(f"control plane up in {time.monotonic() - t0:.1f} s ({cp.url})")
-            cp.kubectl("apply", "-f", str(REPO / "deploy" / "crds"))
-            cp.kubectl("wait", "--for=condition=Established", "crd", "--all")
-            cp.kubectl("apply", "-f", str(REPO / "deploy" / "peering.yaml"))
+            cp.install_vmthunder_crds()
             client = kubernetes.config.new_client_from_config(str(cp.kubeconfig))
             core = kubernetes.client.CoreV1Api(client)
             custom = kubernetes.client.CustomObjectsApi(client)
@@ -39,10 +36,7 @@ def run_demo(nodes: int = 24, zones: int = 3, fanout: int = 3) -> int:
                                                      "vmthunder.io/prewarm": "true"})
                                   for i in range(nodes)))
             print(f"registered {nodes} nodes in {zones} zones")
-            operator = subprocess.Popen(
-                [sys.executable, "-m", "vmthunder.cli", "operator", "--metrics-port",
-                 str(free_port())], env=cp.env(), stdout=open(Path(tmp) / "operator.log", "wb"),
-                stderr=subprocess.STDOUT)  # noqa: SIM115
+            operator = cp.spawn_operator(Path(tmp) / "operator.log")
             manifest = yaml.safe_load((REPO / "deploy/examples/imagecache.yaml").read_text())
             manifest["spec"]["fanout"] = fanout
             t1 = time.monotonic()

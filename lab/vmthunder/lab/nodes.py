@@ -28,8 +28,11 @@ def set_node_ready(core: kubernetes.client.CoreV1Api, name: str, ready: bool) ->
     core.patch_node_status(name, {"status": {"conditions": [condition]}}, _preload_content=False)
 
 
-def register_nodes(core: kubernetes.client.CoreV1Api, nodes: Iterable[tuple[str, Mapping[str, str]]],
-                   parallel: int = 16) -> None:
+def register_nodes(
+    core: kubernetes.client.CoreV1Api,
+    nodes: Iterable[tuple[str, Mapping[str, str]]],
+    parallel: int = 16,
+) -> None:
     """Registers many ready nodes at once (a thousand in a few seconds)."""
     with ThreadPoolExecutor(parallel) as pool:
         for future in [pool.submit(register_node, core, name, labels) for name, labels in nodes]:

@@ -9,6 +9,7 @@ stale heartbeats).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -42,7 +43,8 @@ class Memo:
     writer: ReplicaWriter
     triggers: dict[str, asyncio.Event] = field(default_factory=dict)
     # node -> (parent, depth) this operator wrote, until the watch shows it (per cache).
-    written: dict[str, dict[str, tuple[str, int]]] = field(default_factory=lambda: defaultdict(dict))
+    written: dict[str, dict[str, tuple[str, int]]] = field(
+        default_factory=lambda: defaultdict(dict))
     deleted: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
     def trigger(self, cache: str | None = None) -> None:
@@ -115,10 +117,8 @@ async def distribute(
     last_phase: str | None = None
     try:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(trigger.wait(), RESYNC)
-            except TimeoutError:
-                pass
             await asyncio.sleep(DEBOUNCE)  # fold a burst of changes into one pass
             trigger.clear()
             replicas = _replicas_as_written(state, name, replica_facts.get(name, []))

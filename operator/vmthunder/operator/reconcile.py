@@ -121,7 +121,8 @@ def plan_replicas(
         replica = current.get(name)
         if placement is None:
             continue  # not ready or unhealthy: keep its replica as it is until it recovers
-        desired = ReplicaSpec(replica_name(cache_name, name), name, placement.parent, placement.depth)
+        desired = ReplicaSpec(
+            replica_name(cache_name, name), name, placement.parent, placement.depth)
         if replica is None:
             create.append(desired)
         elif (replica.parent, replica.depth) != (placement.parent, placement.depth):
