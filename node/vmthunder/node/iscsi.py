@@ -1,0 +1,216 @@
+"""open-iscsi initiator: discovery, login/logout with CHAP, sessions and their disks.
+
+Sessions are read from sysfs (the kernel's truth); iscsiadm changes them. Callers never see
+a command line. Every failure raises IscsiError with iscsiadm's stderr.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+ISCSIADM = os.environ.get("VMT_ISCSIADM", "iscsiadm")
+INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
+# iscsiadm exit codes: 15 = session exists, 21 = no objects found
+RC_SESSION_EXISTS = 15
+RC_NO_OBJECTS = 21
+
+
+class IscsiError(RuntimeError):
+    """An iscsiadm command failed; `stderr` is its error output."""
+
+    def __init__(self, what: str, rc: int, stderr: str) -> None:
+        super().__init__(f"iscsiadm {what} failed (rc={rc}): {stderr.strip()}")
+        self.what = what
+        self.rc = rc
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class Chap:
+    username: str
+    password: str
+    mutual_username: str | None = None
+    mutual_password: str | None = None
+
+    def __repr__(self) -> str:  # secrets never reach logs
+        return f"Chap(username={self.username!r}, password=***)"
+
+
+@dataclass(frozen=True)
+class TargetAddress:
+    portal: str  # "ip:port"
+    iqn: str
+    lun: int = 0
+
+    @property
+    def ip(self) -> str:
+        return self.portal.rsplit(":", 1)[0] if ":" in self.portal else self.portal
+
+    @property
+    def port(self) -> int:
+        return int(self.portal.rsplit(":", 1)[1]) if ":" in self.portal else 3260
+
+    @property
+    def normalized_portal(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Session:
+    sid: int
+    iqn: str
+    portal: str  # "ip:port"
+    state: str  # LOGGED_IN, FAILED, FREE
+    recovery_tmo: int
+    disks: dict[int, str]  # lun -> /dev/sdX
+
+    def disk(self, lun: int = 0) -> str | None:
+        return self.disks.get(lun)
+
+
+def _run(what: str, args: Sequence[str], timeout: float = 60,
+         ok: Sequence[int] = ()) -> tuple[int, str]:
+    try:
+        p = subprocess.run([ISCSIADM, *args], capture_output=True, text=True, timeout=timeout,
+                           check=False)
+    except (subprocess.TimeoutExpired, FileNotFoundError) as e:
+        raise IscsiError(what, -1, str(e)) from e
+    if p.returncode != 0 and p.returncode not in ok:
+        raise IscsiError(what, p.returncode, p.stderr)
+    return p.returncode, p.stdout
+
+
+def initiator_name() -> str:
+    with open(INITIATOR_FILE) as f:
+        for line in f:
+            if line.startswith("InitiatorName="):
+                return line.split("=", 1)[1].strip()
+    raise IscsiError("initiator name", -1, f"no InitiatorName in {INITIATOR_FILE}")
+
+
+def ensure_daemon() -> None:
+    """Starts iscsid when no one runs it (lab guests have no systemd)."""
+    for comm in glob.glob("/proc/[0-9]*/comm"):
+        try:
+            with open(comm) as f:
+                if f.read().strip() == "iscsid":
+                    return
+        except OSError:
+            continue
+    try:
+        subprocess.run(["modprobe", "-a", "iscsi_tcp", "sd_mod"], capture_output=True, check=False)
+        p = subprocess.run(["iscsid"], capture_output=True, text=True, timeout=30, check=False)
+    except (subprocess.TimeoutExpired, FileNotFoundError) as e:
+        raise IscsiError("start iscsid", -1, str(e)) from e
+    if p.returncode != 0:
+        raise IscsiError("start iscsid", p.returncode, p.stderr)
+    time.sleep(0.3)
+
+
+def discover(portal: str) -> list[TargetAddress]:
+    _, out = _run(f"discovery {portal}", ["-m", "discovery", "-t", "sendtargets", "-p", portal])
+    result = []
+    for line in out.splitlines():
+        w = line.split()
+        if len(w) == 2:
+            result.append(TargetAddress(w[0].split(",")[0], w[1]))
+    return result
+
+
+def _node(t: TargetAddress) -> list[str]:
+    return ["-m", "node", "-T", t.iqn, "-p", t.normalized_portal]
+
+
+def _update(t: TargetAddress, key: str, value: str) -> None:
+    _run(f"update {t.iqn} {key}", [*_node(t), "-o", "update", "-n", key, "-v", value])
+
+
+def sessions() -> list[Session]:
+    result = []
+    for path in sorted(glob.glob("/sys/class/iscsi_session/session*")):
+        sid = int(os.path.basename(path)[len("session"):])
+
+        def read(p: str) -> str:
+            try:
+                with open(p) as f:
+                    return f.read().strip()
+            except OSError:
+                return ""
+
+        conn = glob.glob(f"/sys/class/iscsi_connection/connection{sid}:*")
+        ip = read(f"{conn[0]}/persistent_address") if conn else ""
+        port = read(f"{conn[0]}/persistent_port") if conn else ""
+        disks: dict[int, str] = {}
+        for blk in glob.glob(f"{path}/device/target*/*:*:*:*/block/*"):
+            lun = int(blk.split("/")[-3].split(":")[-1])
+            disks[lun] = f"/dev/{os.path.basename(blk)}"
+        tmo = read(f"{path}/recovery_tmo")
+        result.append(Session(sid, read(f"{path}/targetname"), f"{ip}:{port}",
+                              read(f"{path}/state"), int(tmo) if tmo.isdigit() else 0, disks))
+    return result
+
+
+def find_session(t: TargetAddress) -> Session | None:
+    for s in sessions():
+        if s.iqn == t.iqn and s.portal == t.normalized_portal:
+            return s
+    return None
+
+
+def login(t: TargetAddress, chap: Chap | None = None, *, replacement_timeout: int = 120,
+          wait_disk: float = 20.0) -> Session:
+    """Logs in (idempotent) and waits for the LUN's disk; returns the session."""
+    existing = find_session(t)
+    if existing is None or existing.disk(t.lun) is None:
+        ensure_daemon()
+        _run(f"new node {t.iqn}", [*_node(t), "-o", "new"])
+        if chap is not None:
+            _update(t, "node.session.auth.authmethod", "CHAP")
+            _update(t, "node.session.auth.username", chap.username)
+            _update(t, "node.session.auth.password", chap.password)
+            if chap.mutual_username and chap.mutual_password:
+                _update(t, "node.session.auth.username_in", chap.mutual_username)
+                _update(t, "node.session.auth.password_in", chap.mutual_password)
+        else:
+            _update(t, "node.session.auth.authmethod", "None")
+        _update(t, "node.session.timeo.replacement_timeout", str(replacement_timeout))
+        _update(t, "node.startup", "manual")
+        if existing is None:
+            _run(f"login {t.iqn}", [*_node(t), "--login"], ok=(RC_SESSION_EXISTS,))
+    deadline = time.monotonic() + wait_disk
+    while True:
+        s = find_session(t)
+        if s is not None and s.disk(t.lun) is not None and os.path.exists(s.disks[t.lun]):
+            return s
+        if time.monotonic() > deadline:
+            raise IscsiError(f"login {t.iqn}", -1, f"no disk for LUN {t.lun} after {wait_disk}s")
+        if s is not None:
+            rescan(s.sid)
+        time.sleep(0.2)
+
+
+def rescan(sid: int) -> None:
+    _run(f"rescan session {sid}", ["-m", "session", "-r", str(sid), "--rescan"])
+
+
+def set_replacement_timeout(sid: int, seconds: int) -> None:
+    """Changes a live session's replacement timeout: how long I/O waits for a dead session."""
+    with open(f"/sys/class/iscsi_session/session{sid}/recovery_tmo", "w") as f:
+        f.write(str(seconds))
+
+
+def logout(t: TargetAddress, *, delete_record: bool = True) -> None:
+    """Logs out (absent is success) and forgets the node record."""
+    _run(f"logout {t.iqn}", [*_node(t), "--logout"], ok=(RC_NO_OBJECTS,))
+    if delete_record:
+        _run(f"delete {t.iqn}", [*_node(t), "-o", "delete"], ok=(RC_NO_OBJECTS,))
+
+
+def logout_session(sid: int) -> None:
+    _run(f"logout session {sid}", ["-m", "session", "-r", str(sid), "--logout"],
+         ok=(RC_NO_OBJECTS,))
