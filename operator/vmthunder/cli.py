@@ -19,6 +19,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(nodes=args.nodes, zones=args.zones, fanout=args.fanout)
 
 
+def _csi(args: argparse.Namespace) -> int:
+    from vmthunder.csi.cli import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmthunder", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--zones", type=int, default=3)
     demo.add_argument("--fanout", type=int, default=3)
     demo.set_defaults(func=_demo)
+
+    from vmthunder.csi.cli import add_arguments as add_csi_arguments
+
+    csi = sub.add_parser("csi", help="run the CSI driver (controller, node or both)")
+    add_csi_arguments(csi)
+    csi.set_defaults(func=_csi)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -1,0 +1,270 @@
+"""Volume state in the API server: ImageVolumes (the driver's only records), and the
+ImageCaches, ImageReplicas and Nodes the driver reads. No private database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from vmthunder.csi.names import (
+    API_VERSION,
+    FINALIZER_COW_DATA,
+    GROUP,
+    IMAGE_CACHES,
+    IMAGE_REPLICAS,
+    IMAGE_VOLUMES,
+    LABEL_IMAGE_CACHE,
+    LABEL_NODE,
+    VERSION,
+    replica_name,
+)
+
+
+def load_api_client() -> kubernetes.client.ApiClient:
+    """In-cluster credentials in a pod, else $KUBECONFIG / ~/.kube/config."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """An ImageVolume: one CSI volume, a copy-on-write disk of an image on one node."""
+
+    volume_id: str
+    csi_name: str
+    image_cache: str
+    node: str
+    capacity_bytes: int
+    access_type: str  # "Block" or "Mount"
+    fs_type: str = ""
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    deleting: bool = False
+    finalizers: tuple[str, ...] = ()
+    phase: str = "Pending"
+
+    @staticmethod
+    def from_object(obj: Mapping[str, Any]) -> Volume:
+        meta, spec = obj["metadata"], obj.get("spec", {})
+        return Volume(
+            volume_id=meta["name"],
+            csi_name=str(spec.get("csiName", "")),
+            image_cache=str(spec["imageCache"]),
+            node=str(spec["node"]),
+            capacity_bytes=int(spec["capacityBytes"]),
+            access_type=str(spec.get("accessType", "Block")),
+            fs_type=str(spec.get("fsType", "")),
+            parameters=dict(spec.get("parameters") or {}),
+            deleting=meta.get("deletionTimestamp") is not None,
+            finalizers=tuple(meta.get("finalizers") or ()),
+            phase=str((obj.get("status") or {}).get("phase", "Pending")),
+        )
+
+    def to_object(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "imageCache": self.image_cache,
+            "node": self.node,
+            "capacityBytes": self.capacity_bytes,
+            "csiName": self.csi_name,
+            "accessType": self.access_type,
+            "parameters": dict(self.parameters),
+        }
+        if self.fs_type:
+            spec["fsType"] = self.fs_type
+        return {
+            "apiVersion": API_VERSION,
+            "kind": "ImageVolume",
+            "metadata": {
+                "name": self.volume_id,
+                "labels": {LABEL_IMAGE_CACHE: self.image_cache, LABEL_NODE: self.node},
+            },
+            "spec": spec,
+        }
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    size_bytes: int | None  # None until the origin's size is known
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    ready: bool
+
+
+class KubeState:
+    """Typed reads and writes of the driver's objects. Not found reads return None."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.version = kubernetes.client.VersionApi(api_client)
+
+    # --- reachability ---
+
+    def reachable(self) -> bool:
+        try:
+            self.version.get_code(_request_timeout=5)
+        except Exception:
+            return False
+        return True
+
+    # --- ImageVolumes ---
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        obj = self._get(IMAGE_VOLUMES, volume_id)
+        return Volume.from_object(obj) if obj is not None else None
+
+    def create_volume(self, volume: Volume) -> bool:
+        """Creates the ImageVolume; False if one of that name exists already."""
+        try:
+            self.custom.create_cluster_custom_object(
+                GROUP, VERSION, IMAGE_VOLUMES, volume.to_object()
+            )
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    def list_volumes(self, node: str | None = None) -> list[Volume]:
+        selector = f"{LABEL_NODE}={node}" if node else ""
+        result = cast(dict[str, Any], self.custom.list_cluster_custom_object(
+            GROUP, VERSION, IMAGE_VOLUMES, label_selector=selector
+        ))
+        return [Volume.from_object(obj) for obj in result.get("items", [])]
+
+    def watch_volumes(self, node: str, timeout_seconds: int) -> Iterator[tuple[str, Volume]]:
+        """(event type, volume) for the node's ImageVolumes until the server ends the watch."""
+        watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+        for event in watch.stream(  # type: ignore[no-untyped-call]
+            self.custom.list_cluster_custom_object, GROUP, VERSION, IMAGE_VOLUMES,
+            label_selector=f"{LABEL_NODE}={node}", timeout_seconds=timeout_seconds,
+        ):
+            obj = event.get("object")
+            if isinstance(obj, dict) and obj.get("kind") == "ImageVolume":
+                yield str(event["type"]), Volume.from_object(obj)
+
+    def delete_volume(self, volume_id: str) -> None:
+        try:
+            self.custom.delete_cluster_custom_object(GROUP, VERSION, IMAGE_VOLUMES, volume_id)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def set_capacity(self, volume_id: str, capacity_bytes: int) -> None:
+        self.custom.patch_cluster_custom_object(
+            GROUP, VERSION, IMAGE_VOLUMES, volume_id, {"spec": {"capacityBytes": capacity_bytes}}
+        )
+
+    def set_phase(self, volume_id: str, phase: str, message: str = "") -> None:
+        """Best effort: the phase is for humans (kubectl get iv), nothing decides on it."""
+        try:
+            self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, IMAGE_VOLUMES, volume_id,
+                {"status": {"phase": phase, "message": message}},
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def add_finalizer(self, volume_id: str) -> None:
+        self._update_finalizers(volume_id, lambda f: f if FINALIZER_COW_DATA in f
+                                else [*f, FINALIZER_COW_DATA])
+
+    def remove_finalizer(self, volume_id: str) -> None:
+        self._update_finalizers(volume_id, lambda f: [x for x in f if x != FINALIZER_COW_DATA])
+
+    def _update_finalizers(self, volume_id: str, change: Callable[[list[str]], list[str]]) -> None:
+        # Read-modify-write with the resourceVersion: finalizers are a list other writers share.
+        for _ in range(5):
+            obj = self._get(IMAGE_VOLUMES, volume_id)
+            if obj is None:
+                return
+            current = list(obj["metadata"].get("finalizers") or [])
+            wanted = change(current)
+            if wanted == current:
+                return
+            patch = {"metadata": {"finalizers": wanted,
+                                  "resourceVersion": obj["metadata"]["resourceVersion"]}}
+            try:
+                self.custom.patch_cluster_custom_object(
+                    GROUP, VERSION, IMAGE_VOLUMES, volume_id, patch
+                )
+                return
+            except ApiException as e:
+                if e.status == 404:
+                    return
+                if e.status != 409:
+                    raise
+        raise RuntimeError(f"finalizers of ImageVolume {volume_id}: too many conflicts")
+
+    # --- ImageCaches, ImageReplicas, Nodes ---
+
+    def get_image(self, name: str) -> Image | None:
+        obj = self._get(IMAGE_CACHES, name)
+        if obj is None:
+            return None
+        size = (obj.get("status") or {}).get("imageSizeBytes") or obj["spec"].get("sizeBytes")
+        return Image(name, int(size) if size else None)
+
+    def replica_phase(self, image_cache: str, node: str) -> str | None:
+        """The phase of the node's replica of the image; None if the replica does not exist."""
+        obj = self._get(IMAGE_REPLICAS, replica_name(image_cache, node))
+        if obj is None:
+            return None
+        return str((obj.get("status") or {}).get("phase", "Pending"))
+
+    def replica_phases(self, image_cache: str) -> dict[str, str]:
+        """node -> phase for every replica of the image."""
+        result = cast(dict[str, Any], self.custom.list_cluster_custom_object(
+            GROUP, VERSION, IMAGE_REPLICAS, label_selector=f"{LABEL_IMAGE_CACHE}={image_cache}"
+        ))
+        return {
+            str(obj["spec"]["node"]): str((obj.get("status") or {}).get("phase", "Pending"))
+            for obj in result.get("items", [])
+        }
+
+    def nodes(self) -> dict[str, NodeInfo]:
+        result = self.core.list_node()
+        nodes = {}
+        for node in result.items:
+            name = str(node.metadata.name) if node.metadata else ""
+            conditions = node.status.conditions if node.status else None
+            ready = any(c.type == "Ready" and c.status == "True" for c in conditions or [])
+            nodes[name] = NodeInfo(name, ready)
+        return nodes
+
+    def _get(self, plural: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = cast(dict[str, Any], self.custom.get_cluster_custom_object(
+                GROUP, VERSION, plural, name
+            ))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return obj
+
+
+def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
+    """Polls `check` until it is true or `timeout` seconds pass; True if it became true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
