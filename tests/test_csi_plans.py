@@ -107,7 +107,7 @@ def test_the_cow_file_holds_every_chunk_and_its_metadata(capacity: int) -> None:
 def test_tables_pad_the_image_with_zeros_up_to_the_capacity() -> None:
     t = plan_tables("/dev/mapper/vmt-img", 1000, 3000, "/dev/mapper/base", "/dev/loop3")
     assert [x.line() for x in t.base] == ["0 1000 linear /dev/mapper/vmt-img 0",
-                                          "1000 2000 zero "]
+                                          "1000 2000 zero"]
     assert [x.line() for x in t.top] == ["0 3000 snapshot /dev/mapper/base /dev/loop3 P 8"]
     same = plan_tables("253:0", 1000, 1000, "253:1", "7:0")
     assert len(same.base) == 1 and same.top[0].length == 1000

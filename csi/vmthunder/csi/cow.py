@@ -17,11 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from vmthunder.csi import devmapper, loop
+from vmthunder.csi import loop
 from vmthunder.csi._command import CommandError
 from vmthunder.csi.backend import BackendError, CowDevice, CowSpec, NotStaged
-from vmthunder.csi.devmapper import Target
 from vmthunder.csi.names import image_device_name, volume_device_name
+from vmthunder.node import blockdev, dm
+from vmthunder.node.blockdev import BlockDevError
+from vmthunder.node.dm import DmError, Target
+
+KERNEL_ERRORS: Final = (DmError, BlockDevError, CommandError, OSError)
 
 SECTOR: Final = 512
 CHUNK_SECTORS: Final = 8  # 4 KiB: a VM's small writes copy little
@@ -52,19 +56,11 @@ def plan_tables(image: str, image_sectors: int, capacity_sectors: int, base: str
     if capacity_sectors < image_sectors:
         raise BackendError(f"capacity {capacity_sectors} sectors is below the image's "
                            f"{image_sectors}")
-    base_table = [Target(0, image_sectors, "linear", f"{image} 0")]
+    base_table = [dm.linear(image_sectors, image)]
     if capacity_sectors > image_sectors:
-        base_table.append(Target(image_sectors, capacity_sectors - image_sectors, "zero", ""))
-    top = [Target(0, capacity_sectors, "snapshot", f"{base} {cow} P {CHUNK_SECTORS}")]
+        base_table.append(Target(image_sectors, capacity_sectors - image_sectors, "zero"))
+    top = [dm.snapshot(capacity_sectors, base, cow, chunk_sectors=CHUNK_SECTORS)]
     return Tables(base_table, top)
-
-
-def device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 class DmSnapshotBackend:
@@ -78,36 +74,36 @@ class DmSnapshotBackend:
 
     def problem(self) -> str | None:
         try:
-            devmapper.version()
+            dm.names()
             self.state_dir.mkdir(parents=True, exist_ok=True)
             probe = self.state_dir / ".probe"
             probe.write_bytes(b"")
             probe.unlink()
-        except (OSError, CommandError) as e:
+        except KERNEL_ERRORS as e:
             return str(e)
         return None
 
     def image_device(self, image_cache: str) -> str | None:
         name = image_device_name(image_cache)
-        dev = devmapper.info(name)
+        dev = dm.info(name)
         if dev is None:
             return None
-        if not dev.path.exists():
-            devmapper.mknodes(name)
-        return str(dev.path)
+        if not os.path.exists(dev.path):
+            dm.mknodes(name)
+        return dev.path
 
     def device(self, volume_id: str) -> CowDevice | None:
         name = volume_device_name(volume_id)
-        dev = devmapper.info(name)
+        dev = dm.info(name)
         if dev is None:
             return None
-        if not dev.path.exists():
-            devmapper.mknodes(name)
-        status = devmapper.status(name)
-        message = status[0].args if status else "no table"
+        if not os.path.exists(dev.path):
+            dm.mknodes(name)
+        status = dm.status(name)
+        message = " ".join(status[0].fields) if status else "no table"
         healthy = bool(status) and not message.startswith(BROKEN_STATUS)
         size = sum(t.length for t in status) * SECTOR
-        return CowDevice(volume_id, str(dev.path), size, healthy,
+        return CowDevice(volume_id, dev.path, size, healthy,
                          "" if healthy else f"copy-on-write layer: {message}")
 
     def stage(self, spec: CowSpec) -> CowDevice:
@@ -118,7 +114,7 @@ class DmSnapshotBackend:
                     return self.expand(spec.volume_id, spec.capacity_bytes)
                 return current
             return self._build(spec)
-        except CommandError as e:
+        except KERNEL_ERRORS as e:
             raise BackendError(str(e)) from e
 
     def _build(self, spec: CowSpec) -> CowDevice:
@@ -126,15 +122,14 @@ class DmSnapshotBackend:
         base_name = f"{name}-base"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cow = self._grow_file(spec.volume_id, spec.capacity_bytes)
-        image_sectors = device_size(spec.image_device) // SECTOR
+        image_sectors = blockdev.size_bytes(spec.image_device) // SECTOR
         tables = plan_tables(spec.image_device, image_sectors, spec.capacity_bytes // SECTOR,
-                             str(devmapper.path(base_name)), cow)
-        if devmapper.info(base_name) is None:
-            devmapper.create(base_name, tables.base)
-        else:  # left by an interrupted stage
-            devmapper.reload(base_name, tables.base)
-            devmapper.resume(base_name)
-        devmapper.create(name, tables.top)
+                             dm.mapper_path(base_name), cow)
+        if dm.exists(base_name):  # left by an interrupted stage
+            dm.reload(base_name, tables.base)
+        else:
+            dm.create(base_name, tables.base)
+        dm.create(name, tables.top)
         built = self.device(spec.volume_id)
         if built is None or not built.healthy:
             raise BackendError(f"{name} is not usable: {built.message if built else 'missing'}")
@@ -142,18 +137,20 @@ class DmSnapshotBackend:
 
     def _grow_file(self, volume_id: str, capacity_bytes: int) -> str:
         """Makes the sparse COW file big enough and returns its loop device."""
-        path = self._file(volume_id)
+        path = str(self._file(volume_id))
         wanted = cow_file_size(capacity_bytes)
-        with open(path, "ab") as f:
-            grew = os.fstat(f.fileno()).st_size < wanted
-            if grew:
-                f.truncate(wanted)
-        device = loop.find(path)
+        grew = not os.path.exists(path) or os.path.getsize(path) < wanted
+        blockdev.ensure_sparse_file(path, wanted)
+        device = self._loop(volume_id)
         if device is None:
-            return loop.attach(path)
+            return blockdev.loop_attach(path)
         if grew:
-            loop.refresh_size(device)
+            loop.set_capacity(device)
         return device
+
+    def _loop(self, volume_id: str) -> str | None:
+        real = os.path.realpath(self._file(volume_id))
+        return next((lp.device for lp in blockdev.loops() if lp.backing_file == real), None)
 
     def expand(self, volume_id: str, capacity_bytes: int) -> CowDevice:
         name = volume_device_name(volume_id)
@@ -166,19 +163,18 @@ class DmSnapshotBackend:
                 return current
             self._grow_file(volume_id, capacity_bytes)
             # Keep the resolved devices (major:minor) of the live tables; change only lengths.
-            image = devmapper.table(base_name)[0]
-            top = devmapper.table(name)[0]
-            base_dev, cow_dev = top.args.split()[:2]
-            tables = plan_tables(image.args.split()[0], image.length,
-                                 capacity_bytes // SECTOR, base_dev, cow_dev)
-            devmapper.suspend(name)
+            image = dm.table(base_name)[0]
+            base_dev, cow_dev = dm.table(name)[0].args[:2]
+            tables = plan_tables(image.args[0], image.length, capacity_bytes // SECTOR,
+                                 base_dev, cow_dev)
+            # Quiesce the volume, grow what it reads from, then grow the volume itself.
+            dm.suspend(name)
             try:
-                devmapper.reload(base_name, tables.base)
-                devmapper.resume(base_name)
-                devmapper.reload(name, tables.top)
+                dm.reload(base_name, tables.base)
+                dm.load(name, tables.top)
             finally:
-                devmapper.resume(name)
-        except CommandError as e:
+                dm.resume(name)
+        except KERNEL_ERRORS as e:
             raise BackendError(str(e)) from e
         grown = self.device(volume_id)
         if grown is None:
@@ -188,10 +184,12 @@ class DmSnapshotBackend:
     def unstage(self, volume_id: str) -> None:
         name = volume_device_name(volume_id)
         try:
-            devmapper.remove(name)
-            devmapper.remove(f"{name}-base")
-            loop.detach(self._file(volume_id))
-        except CommandError as e:
+            dm.remove(name)
+            dm.remove(f"{name}-base")
+            device = self._loop(volume_id)
+            if device is not None:
+                blockdev.loop_detach(device)
+        except KERNEL_ERRORS as e:
             raise BackendError(str(e)) from e
 
     def delete(self, volume_id: str) -> None:

@@ -1,8 +1,7 @@
-"""Loop devices through losetup: a file on the cache disk as a block device."""
+"""What the COW layer needs from losetup beyond vmthunder.node.blockdev: following a grown
+backing file. (To fold into blockdev.py.)"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from vmthunder.csi._command import CommandError, run
 
@@ -11,26 +10,6 @@ class LoopError(CommandError):
     """losetup failed."""
 
 
-def find(backing: Path) -> str | None:
-    """The loop device attached to `backing`, if any."""
-    out = run(["losetup", "--noheadings", "--output", "NAME", "--associated", str(backing)],
-              LoopError).stdout.split()
-    return out[0] if out else None
-
-
-def attach(backing: Path) -> str:
-    existing = find(backing)
-    if existing:
-        return existing
-    return run(["losetup", "--find", "--show", str(backing)], LoopError).stdout.strip()
-
-
-def refresh_size(device: str) -> None:
+def set_capacity(device: str) -> None:
     """Makes the loop device follow its grown backing file."""
     run(["losetup", "--set-capacity", device], LoopError)
-
-
-def detach(backing: Path) -> None:
-    device = find(backing)
-    if device:
-        run(["losetup", "--detach", device], LoopError)
