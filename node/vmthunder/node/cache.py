@@ -1,0 +1,335 @@
+"""The cache layer `vmt-<image>` over the swappable source `vmt-<image>-src`: one interface,
+two backends.
+
+- DmCloneBackend (default): dm-clone, kernel only. dm-clone does not cache reads, so
+  `hydrate(regions)` reads each region and writes the same bytes back as one full-region
+  write, which dm-clone stores without copying from the source: the bytes cross the link once.
+  Background hydration is dm-clone's own (kernel state: it survives agent restarts).
+- QemuCorBackend: qemu-nbd serving a copy-on-read filter over a local qcow2 whose backing is
+  `-src`, attached to the kernel as /dev/nbdN; `vmt-<image>` is a linear over it. Every read
+  is cached by qemu (concurrent misses of a cluster coalesce); `hydrate` only reads.
+
+Both keep their state in the kernel and in files named after the image, never in a database.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import mmap
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from vmthunder.node import blockdev, dm, names
+
+SECTOR = 512
+
+
+class CacheError(RuntimeError):
+    """A cache-backend operation failed; `stderr` carries the tool's message."""
+
+    def __init__(self, what: str, stderr: str) -> None:
+        super().__init__(f"cache {what} failed: {stderr.strip()}")
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """What the kernel shows of one image's cache layer."""
+
+    kind: str  # "absent", "caching" (reads may still go to -src), "detached" (local only)
+    hydrated: int = 0
+    total: int = 0
+    region_bytes: int = 0
+    size: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.kind == "detached" or (self.total > 0 and self.hydrated >= self.total)
+
+
+class CacheBackend(Protocol):
+    name: str
+    kernel_background: bool  # True: the kernel hydrates in the background by itself
+
+    def observe(self, image: str) -> CacheState: ...
+
+    def build(self, image: str, size: int, region_bytes: int) -> None:
+        """Creates vmt-<image> over /dev/mapper/vmt-<image>-src (idempotent)."""
+
+    def hydrate(self, image: str, regions: Sequence[int], region_bytes: int, size: int,
+                queue_depth: int) -> int:
+        """Makes `regions` local; returns the bytes read through the stack."""
+
+    def start_background(self, image: str, threshold: int) -> None: ...
+
+    def detach(self, image: str) -> None:
+        """Stops reading -src (only once complete); the caller then removes -src."""
+
+    def remove(self, image: str) -> None: ...
+
+
+def _aligned(n: int) -> mmap.mmap:
+    return mmap.mmap(-1, n)  # page-aligned, as O_DIRECT wants
+
+
+def _region_span(r: int, region_bytes: int, size: int) -> tuple[int, int]:
+    off = r * region_bytes
+    return off, max(0, min(region_bytes, size - off))
+
+
+def _parallel(fn: Callable[[tuple[int, int]], int], items: Iterable[tuple[int, int]],
+              queue_depth: int) -> int:
+    with ThreadPoolExecutor(max(1, queue_depth)) as pool:
+        return sum(pool.map(fn, items))
+
+
+def runs(regions: Sequence[int], max_run: int) -> list[tuple[int, int]]:
+    """Groups regions into (first, count) runs of consecutive regions, in the given order."""
+    out: list[tuple[int, int]] = []
+    for r in regions:
+        if out and out[-1][0] + out[-1][1] == r and out[-1][1] < max_run:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((r, 1))
+    return out
+
+
+class _Files:
+    def __init__(self, cache_dir: str) -> None:
+        self.cache_dir = cache_dir
+
+    def dir(self, image: str) -> str:
+        return os.path.join(self.cache_dir, image)
+
+
+class DmCloneBackend(_Files):
+    name = "dm-clone"
+    kernel_background = True
+
+    def _data(self, image: str) -> str:
+        return os.path.join(self.dir(image), "data")
+
+    def _meta(self, image: str) -> str:
+        return os.path.join(self.dir(image), "meta")
+
+    def observe(self, image: str) -> CacheState:
+        name = names.cache_dev(image)
+        if not dm.exists(name):
+            return CacheState("absent")
+        t = dm.table(name)
+        size = sum(x.length for x in t) * SECTOR
+        if t and t[0].type == "clone":
+            st = dm.clone_status(name)
+            return CacheState("caching", st.hydrated, st.total, st.region_sectors * SECTOR, size)
+        return CacheState("detached", size=size)
+
+    def build(self, image: str, size: int, region_bytes: int) -> None:
+        name = names.cache_dev(image)
+        if dm.exists(name):
+            return
+        regions = -(-size // region_bytes)
+        # dm-clone metadata: a bitmap bit per region plus btree blocks; generous and still small.
+        meta_size = max(4 << 20, (regions // 8) * 4 + (2 << 20))
+        blockdev.ensure_sparse_file(self._data(image), size)
+        blockdev.ensure_sparse_file(self._meta(image), meta_size)
+        data = blockdev.loop_attach(self._data(image))
+        meta = blockdev.loop_attach(self._meta(image))
+        src = dm.mapper_path(names.src_dev(image))
+        dm.create(name, [dm.clone(size // SECTOR, dm.CloneArgs(
+            meta, data, src, region_bytes // SECTOR, hydration=False))])
+
+    def hydrate(self, image: str, regions: Sequence[int], region_bytes: int, size: int,
+                queue_depth: int) -> int:
+        path = dm.mapper_path(names.cache_dev(image))
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+
+        def one(run: tuple[int, int]) -> int:
+            first, count = run
+            off = first * region_bytes
+            length = max(0, min(count * region_bytes, size - off))
+            if length == 0:
+                return 0
+            # Whole regions only (the image's tail region may be short): dm-clone splits at
+            # region boundaries and stores each full-region write without a copy.
+            buf = _aligned(-(-length // 4096) * 4096)
+            try:
+                view = memoryview(buf)[:length]
+                n = os.preadv(fd, [view], off)
+                os.pwritev(fd, [view[:n]], off)
+                return n
+            finally:
+                buf.close()
+
+        try:
+            return _parallel(one, runs(list(regions), 16), queue_depth)
+        finally:
+            os.close(fd)
+
+    def start_background(self, image: str, threshold: int) -> None:
+        name = names.cache_dev(image)
+        dm.message(name, ["hydration_threshold", str(max(1, threshold))])
+        dm.message(name, ["hydration_batch_size", str(max(1, threshold))])
+        dm.message(name, ["enable_hydration"])
+
+    def detach(self, image: str) -> None:
+        name = names.cache_dev(image)
+        t = dm.table(name)
+        if not t or t[0].type != "clone":
+            return
+        st = dm.clone_status(name)
+        if not st.complete:
+            raise CacheError(f"detach {image}", f"only {st.hydrated}/{st.total} regions hydrated")
+        data = t[0].args[1]
+        dm.reload(name, [dm.linear(t[0].length, data)])
+        meta = t[0].args[0]
+        if meta.startswith("/dev/loop"):
+            blockdev.loop_detach(meta)
+
+    def remove(self, image: str) -> None:
+        dm.remove(names.cache_dev(image))
+        for f in (self._data(image), self._meta(image)):
+            for lp in blockdev.loops():
+                if lp.backing_file == os.path.realpath(f):
+                    blockdev.loop_detach(lp.device)
+            if os.path.exists(f):
+                os.unlink(f)
+
+
+class QemuCorBackend(_Files):
+    name = "qemu-cor"
+    kernel_background = False
+
+    def _qcow(self, image: str) -> str:
+        return os.path.join(self.dir(image), "cache.qcow2")
+
+    def _nbd_of(self, image: str) -> str | None:
+        name = names.cache_dev(image)
+        if not dm.exists(name):
+            return None
+        t = dm.table(name)
+        return t[0].args[0] if t and t[0].type == "linear" else None
+
+    def observe(self, image: str) -> CacheState:
+        name = names.cache_dev(image)
+        if not dm.exists(name):
+            return CacheState("absent")
+        size = sum(x.length for x in dm.table(name)) * SECTOR
+        local, region = self._allocated(image)
+        total = -(-size // region) if region else 0
+        kind = "caching" if dm.exists(names.src_dev(image)) else "detached"
+        return CacheState(kind, local // region if region else 0, total, region, size)
+
+    def _allocated(self, image: str) -> tuple[int, int]:
+        """(bytes held by the qcow2 itself, cluster size), read while qemu-nbd has it open."""
+        q = self._qcow(image)
+        info = _qemu_img(["info", "-U", "--output=json", q])
+        region = int(json.loads(info).get("cluster-size", 65536))
+        extents = json.loads(_qemu_img(["map", "-U", "--output=json", q]))
+        local = sum(int(e["length"]) for e in extents if e.get("depth") == 0 and e.get("data"))
+        return local, region
+
+    def build(self, image: str, size: int, region_bytes: int) -> None:
+        name = names.cache_dev(image)
+        if dm.exists(name):
+            return
+        os.makedirs(self.dir(image), exist_ok=True)
+        q = self._qcow(image)
+        src = dm.mapper_path(names.src_dev(image))
+        if not os.path.exists(q):
+            _qemu_img(["create", "-q", "-f", "qcow2", "-o", f"cluster_size={region_bytes}",
+                       "-b", src, "-F", "raw", q, str(size)])
+        nbd = _free_nbd()
+        opts = (f"driver=copy-on-read,file.driver=qcow2,file.file.driver=file,"
+                f"file.file.filename={q}")
+        _check(["qemu-nbd", "--fork", "--persistent", "-c", nbd, "--image-opts", opts],
+               f"qemu-nbd {image}")
+        deadline = time.monotonic() + 10
+        while blockdev.size_bytes(nbd) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dm.create(name, [dm.linear(size // SECTOR, nbd)])
+
+    def hydrate(self, image: str, regions: Sequence[int], region_bytes: int, size: int,
+                queue_depth: int) -> int:
+        fd = os.open(dm.mapper_path(names.cache_dev(image)), os.O_RDONLY | os.O_DIRECT)
+
+        def one(run: tuple[int, int]) -> int:
+            off = run[0] * region_bytes
+            length = max(0, min(run[1] * region_bytes, size - off))
+            if length == 0:
+                return 0
+            buf = _aligned(-(-length // 4096) * 4096)
+            try:
+                return os.preadv(fd, [memoryview(buf)[:length]], off)
+            finally:
+                buf.close()
+
+        try:
+            return _parallel(one, runs(list(regions), 16), queue_depth)
+        finally:
+            os.close(fd)
+
+    def start_background(self, image: str, threshold: int) -> None:
+        return None  # the agent's hydrator reads the rest (kernel_background is False)
+
+    def detach(self, image: str) -> None:
+        local, _ = self._allocated(image)
+        size = sum(x.length for x in dm.table(names.cache_dev(image))) * SECTOR
+        if local < size:
+            raise CacheError(f"detach {image}", f"only {local}/{size} bytes local")
+        src = names.src_dev(image)
+        if dm.exists(src):
+            # Every cluster is local, so qemu never reads its backing again; an error table
+            # makes a stray read loud instead of silently reaching a logged-out parent.
+            dm.reload(src, [dm.error(size // SECTOR)])
+
+    def remove(self, image: str) -> None:
+        nbd = self._nbd_of(image)
+        dm.remove(names.cache_dev(image))
+        if nbd:
+            _check(["qemu-nbd", "-d", nbd], f"qemu-nbd -d {nbd}")
+        q = self._qcow(image)
+        if os.path.exists(q):
+            os.unlink(q)
+
+
+def _check(cmd: list[str], what: str) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    except (subprocess.TimeoutExpired, FileNotFoundError) as e:
+        raise CacheError(what, str(e)) from e
+    if p.returncode != 0:
+        raise CacheError(what, p.stderr)
+    return p.stdout
+
+
+def _qemu_img(args: list[str]) -> str:
+    return _check(["qemu-img", *args], f"qemu-img {args[0]}")
+
+
+def _free_nbd() -> str:
+    if not os.path.exists("/sys/block/nbd0"):
+        subprocess.run(["modprobe", "nbd", "nbds_max=32"], capture_output=True, check=False)
+    for path in sorted(glob.glob("/sys/block/nbd*"), key=lambda p: int(p[len("/sys/block/nbd"):])):
+        if not os.path.exists(f"{path}/pid"):
+            return f"/dev/{os.path.basename(path)}"
+    raise CacheError("nbd", "no free /dev/nbd device")
+
+
+BACKENDS: dict[str, type[DmCloneBackend] | type[QemuCorBackend]] = {
+    DmCloneBackend.name: DmCloneBackend,
+    QemuCorBackend.name: QemuCorBackend,
+}
+DEFAULT_BACKEND = DmCloneBackend.name
+
+
+def make_backend(name: str, cache_dir: str) -> CacheBackend:
+    try:
+        return BACKENDS[name](cache_dir)
+    except KeyError as e:
+        raise CacheError("backend", f"unknown backend {name!r}; known: {sorted(BACKENDS)}") from e

@@ -1,0 +1,157 @@
+"""Prefetch in boot-profile order, hydration of what is read, background hydration.
+
+Every node replays the same profile in the same order, so a parent stays ahead of its children.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vmthunder.node import dm, names
+from vmthunder.node.cache import CacheBackend
+
+log = logging.getLogger(__name__)
+PROGRAM_ID = "vmthunder"
+
+
+@dataclass(frozen=True)
+class Read:
+    offset: int
+    length: int
+
+
+def parse_profile(text: str) -> list[Read]:
+    """A boot profile: JSON, either a list of reads or {"reads": [...]}; a read is
+    {"offset", "length", ...} or [offset, length, ...]. Extra fields (gaps, times) are ignored."""
+    data: Any = json.loads(text)
+    if isinstance(data, dict):
+        data = data.get("reads", data.get("profile", []))
+    if not isinstance(data, list):
+        raise ValueError("a boot profile is a list of reads")
+    out = []
+    for r in data:
+        if isinstance(r, dict):
+            off, length = int(r["offset"]), int(r["length"])
+        elif isinstance(r, list | tuple) and len(r) >= 2:
+            off, length = int(r[0]), int(r[1])
+        else:
+            raise ValueError(f"bad read in boot profile: {r!r}")
+        if off < 0 or length <= 0:
+            raise ValueError(f"bad read in boot profile: {r!r}")
+        out.append(Read(off, length))
+    return out
+
+
+def plan_prefetch(reads: Iterable[Read], region_bytes: int, size: int) -> list[int]:
+    """Regions the profile touches, in order of first touch, each once, within the image."""
+    seen: set[int] = set()
+    order: list[int] = []
+    total = -(-size // region_bytes)
+    for r in reads:
+        first = r.offset // region_bytes
+        last = (r.offset + r.length - 1) // region_bytes
+        for reg in range(first, min(last, total - 1) + 1):
+            if reg not in seen:
+                seen.add(reg)
+                order.append(reg)
+    return order
+
+
+def plan_read_regions(areas: Sequence[dm.AreaCounters], region_bytes: int) -> list[int]:
+    """Regions that saw reads but no writes since the last look (the agent's own hydration
+    writes back what it reads, so reads without writes are the VMs' and the children's)."""
+    return [a.start * 512 // region_bytes for a in areas if a.reads > 0 and a.writes == 0]
+
+
+def background_threshold(throttle_bytes_per_second: int, region_bytes: int) -> int:
+    """dm-clone throttles by regions in flight, not by rate: about 50 ms worth of the limit."""
+    if throttle_bytes_per_second <= 0:
+        return 64
+    return max(1, min(256, throttle_bytes_per_second // 20 // region_bytes))
+
+
+class Hydrator(threading.Thread):
+    """One image: prefetch the profile, then keep read regions local, then the background."""
+
+    def __init__(self, image: str, backend: CacheBackend, *, size: int, region_bytes: int,
+                 profile: Sequence[int], queue_depth: int, throttle: int) -> None:
+        super().__init__(name=f"hydrate-{image}", daemon=True)
+        self.image = image
+        self.backend = backend
+        self.size = size
+        self.region_bytes = region_bytes
+        self.profile = list(profile)
+        self.queue_depth = queue_depth
+        self.throttle = throttle
+        self.prefetched = 0
+        self.prefetch_seconds = 0.0
+        self.background_started = False
+        self.error: str | None = None
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as e:  # the agent reports it and starts a new hydrator next round
+            log.exception("hydration of %s failed", self.image)
+            self.error = f"{type(e).__name__}: {e}"
+
+    def _run(self) -> None:
+        name = names.cache_dev(self.image)
+        stats_id = self._stats(name)
+        t0 = time.monotonic()
+        batch = max(self.queue_depth * 4, 16)
+        for i in range(0, len(self.profile), batch):
+            if self.stopping.is_set() or self.backend.observe(self.image).kind != "caching":
+                return
+            chunk = self.profile[i:i + batch]
+            self.backend.hydrate(self.image, chunk, self.region_bytes, self.size,
+                                 self.queue_depth)
+            self.prefetched += len(chunk)
+        self.prefetch_seconds = time.monotonic() - t0
+        if self.backend.kernel_background:
+            self.backend.start_background(
+                self.image, background_threshold(self.throttle, self.region_bytes))
+            self.background_started = True
+        next_region = 0
+        total = -(-self.size // self.region_bytes)
+        while not self.stopping.is_set():
+            st = self.backend.observe(self.image)
+            if st.kind != "caching" or st.complete:
+                return
+            if stats_id is not None:
+                areas = dm.stats_print(name, stats_id, clear_after=True)
+                hot = plan_read_regions(areas, self.region_bytes)
+                if hot:
+                    self.backend.hydrate(self.image, hot, self.region_bytes, self.size,
+                                         self.queue_depth)
+            if not self.backend.kernel_background and next_region < total:
+                # The agent is the background: a slice per round, within the throttle.
+                per_round = (max(1, self.throttle // self.region_bytes) if self.throttle
+                             else 256)
+                chunk = list(range(next_region, min(total, next_region + per_round)))
+                self.backend.hydrate(self.image, chunk, self.region_bytes, self.size,
+                                     self.queue_depth)
+                next_region += len(chunk)
+                self.background_started = True
+                if self.throttle:
+                    self.stopping.wait(1.0)
+                continue
+            self.stopping.wait(0.5)
+
+    def _stats(self, name: str) -> int | None:
+        if self.backend.name != "dm-clone":
+            return None  # copy-on-read caches what is read by itself
+        for rid, prog in dm.stats_list(name, PROGRAM_ID):
+            if prog == PROGRAM_ID:
+                return rid
+        return dm.stats_create(name, self.region_bytes // 512, PROGRAM_ID)

@@ -1,0 +1,279 @@
+"""One image's block stack on one node: observe the kernel, plan (pure), apply.
+
+    parent's export ──transport──► /dev/sdX
+      vmt-<image>-src   dm-multipath (queue_if_no_path) or dm-linear over the parent's disk:
+                        re-parenting reloads only this table
+      vmt-<image>       cache layer (backend), source = -src
+      vmt-<image>-exp   dm-linear over vmt-<image>, exported read-only by LIO to the children
+      vmt-vol-<id>      per volume, built by the CSI node plugin over vmt-<image>
+
+`plan_image` is pure: it compares what is wanted with what the kernel shows and returns the
+steps, in order. `apply_image` observes, plans and runs the steps. Running it twice builds
+nothing twice, which is how the agent converges after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from vmthunder.node import blockdev, dm, lio, names
+from vmthunder.node.cache import CacheBackend, CacheState
+from vmthunder.node.iscsi import Chap, TargetAddress
+from vmthunder.node.transport import Transport
+
+SECTOR = 512
+
+
+@dataclass(frozen=True)
+class Want:
+    """What the node's ImageReplica and its ImageCache ask for."""
+
+    image: str
+    node: str
+    size: int
+    region_bytes: int
+    parent: TargetAddress | None  # None: the parent has no export yet (wait)
+    parent_chap: Chap | None
+    export_ip: str
+    export_port: int = 3260
+    children: tuple[str, ...] = ()  # initiator IQNs allowed to log in
+    children_chap: Chap | None = None
+    detach_when_hydrated: bool = True
+    multipath: bool = True  # -src as dm-multipath queue_if_no_path (else dm-linear)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the kernel holds for the image now."""
+
+    src_table: tuple[str, ...] | None  # -src's devices ("8:0") and kind, None: absent
+    src_kind: str | None  # "multipath", "linear", "error"
+    sessions: Mapping[TargetAddress, str] = field(default_factory=dict)  # this image's, -> "8:0"
+    cache: CacheState = field(default_factory=lambda: CacheState("absent"))
+    export_dev: bool = False
+    export: lio.ExportInfo | None = None
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Attach:
+    address: TargetAddress
+
+
+@dataclass(frozen=True)
+class SetSource:
+    address: TargetAddress  # -src over this address's disk (create, or reload)
+
+
+@dataclass(frozen=True)
+class BuildCache:
+    pass
+
+
+@dataclass(frozen=True)
+class BuildExportDev:
+    pass
+
+
+@dataclass(frozen=True)
+class Export:
+    spec: lio.ExportSpec
+
+
+@dataclass(frozen=True)
+class DetachCache:
+    pass
+
+
+@dataclass(frozen=True)
+class RemoveSource:
+    pass
+
+
+@dataclass(frozen=True)
+class Logout:
+    address: TargetAddress
+
+
+Step = (Attach | SetSource | BuildCache | BuildExportDev | Export | DetachCache | RemoveSource
+        | Logout)
+
+
+def export_spec(w: Want) -> lio.ExportSpec:
+    return lio.ExportSpec(
+        iqn=names.export_iqn(w.image, w.node), backstore=names.backstore(w.image),
+        device=dm.mapper_path(names.export_dev(w.image)), ip=w.export_ip, port=w.export_port,
+        chap=w.children_chap, initiators=tuple(sorted(w.children)),
+    )
+
+
+def plan_image(w: Want, s: Seen) -> list[Step]:
+    """The steps that take the kernel from `s` to `w`, in the order they must run."""
+    steps: list[Step] = []
+    detached = s.cache.kind == "detached"
+    if not detached:
+        if w.parent is not None:
+            if w.parent not in s.sessions:
+                steps.append(Attach(w.parent))
+            points_at_parent = (
+                w.parent in s.sessions and s.src_table is not None
+                and s.src_table == (s.sessions[w.parent],)
+                and s.src_kind == ("multipath" if w.multipath else "linear")
+            )
+            if not points_at_parent:
+                steps.append(SetSource(w.parent))
+        if s.cache.kind == "absent":
+            if w.parent is None and s.src_table is None:
+                return steps  # nothing to read from yet
+            steps.append(BuildCache())
+    if not s.export_dev:
+        steps.append(BuildExportDev())
+    spec = export_spec(w)
+    if s.export is None or not _export_matches(s.export, spec):
+        steps.append(Export(spec))
+    done = detached or (s.cache.complete and s.cache.kind == "caching")
+    if done and w.detach_when_hydrated:
+        if not detached:
+            steps.append(DetachCache())
+        if s.src_table is not None:
+            steps.append(RemoveSource())
+        steps += [Logout(a) for a in sorted(s.sessions, key=_key)]
+    else:
+        steps += [Logout(a) for a in sorted(s.sessions, key=_key) if a != w.parent]
+    return steps
+
+
+def _key(a: TargetAddress) -> tuple[str, str, int]:
+    return (a.iqn, a.portal, a.lun)
+
+
+def _export_matches(e: lio.ExportInfo, spec: lio.ExportSpec) -> bool:
+    return (e.iqn == spec.iqn and e.backstore == spec.backstore
+            and f"{spec.ip}:{spec.port}" in e.portals
+            and tuple(sorted(e.initiators)) == tuple(sorted(spec.initiators)))
+
+
+def sessions_of_image(image: str, origin_iqn: str | None,
+                      attached: Mapping[TargetAddress, str]) -> dict[TargetAddress, str]:
+    """The transport's connections that feed `image`: the origin's target or a node's export
+    of the image (named by names.export_iqn)."""
+    return {a: d for a, d in attached.items()
+            if a.iqn == origin_iqn
+            or (a.iqn.endswith(f".{image}") and a.iqn.startswith(names.IQN_BASE + ":"))}
+
+
+# --- observe and apply ------------------------------------------------------------------------
+
+def observe(image: str, origin_iqn: str | None, backend: CacheBackend, transport: Transport,
+            export_iqn: str) -> Seen:
+    src = names.src_dev(image)
+    src_table: tuple[str, ...] | None = None
+    src_kind: str | None = None
+    if dm.exists(src):
+        t = dm.table(src)
+        src_kind = t[0].type if t else None
+        src_table = tuple(_table_devices(t))
+    attached = {a: _devno(d) for a, d in transport.attached().items()}
+    exports = {e.iqn: e for e in lio.exports()}
+    return Seen(
+        src_table=src_table, src_kind=src_kind,
+        sessions=sessions_of_image(image, origin_iqn, attached),
+        cache=backend.observe(image), export_dev=dm.exists(names.export_dev(image)),
+        export=exports.get(export_iqn),
+    )
+
+
+def _devno(path: str) -> str:
+    try:
+        return blockdev.devno_str(path)
+    except OSError:
+        return path
+
+
+def _table_devices(t: Sequence[dm.Target]) -> list[str]:
+    out: list[str] = []
+    for x in t:
+        if x.type == "linear":
+            out.append(x.args[0])
+        elif x.type == "multipath":
+            out += [a for a in x.args if ":" in a and a.replace(":", "").isdigit()]
+    return out
+
+
+def source_table(w: Want, device: str) -> list[dm.Target]:
+    sectors = w.size // SECTOR
+    if w.multipath:
+        return [dm.multipath(sectors, [device], queue_if_no_path=True)]
+    return [dm.linear(sectors, device)]
+
+
+def apply_image(w: Want, backend: CacheBackend, transport: Transport,
+                origin_iqn: str | None) -> tuple[Seen, list[Step]]:
+    """Observes, plans and applies; returns what was seen and the steps taken."""
+    spec = export_spec(w)
+    seen = observe(w.image, origin_iqn, backend, transport, spec.iqn)
+    steps = plan_image(w, seen)
+    for step in steps:
+        _apply_step(w, step, backend, transport)
+    return seen, steps
+
+
+def _apply_step(w: Want, step: Step, backend: CacheBackend, transport: Transport) -> None:
+    src = names.src_dev(w.image)
+    if isinstance(step, Attach):
+        transport.attach(step.address, w.parent_chap)
+    elif isinstance(step, SetSource):
+        disk = transport.attach(step.address, w.parent_chap)  # idempotent: gives the disk
+        table = source_table(w, blockdev.devno_str(disk))
+        if dm.exists(src):
+            # noflush: I/O queued in multipath moves to the new path instead of failing.
+            dm.reload(src, table, noflush=w.multipath)
+        else:
+            dm.create(src, table, readonly=True)
+    elif isinstance(step, BuildCache):
+        backend.build(w.image, w.size, w.region_bytes)
+    elif isinstance(step, BuildExportDev):
+        dm.create(names.export_dev(w.image),
+                  [dm.linear(w.size // SECTOR, dm.mapper_path(names.cache_dev(w.image)))],
+                  readonly=True)
+    elif isinstance(step, Export):
+        lio.ensure_export(step.spec)
+    elif isinstance(step, DetachCache):
+        backend.detach(w.image)
+    elif isinstance(step, RemoveSource):
+        if dm.exists(names.cache_dev(w.image)) and backend.name == "qemu-cor":
+            return  # qemu keeps its backing open; -src stays as an error table
+        dm.remove(src)
+    elif isinstance(step, Logout):
+        transport.detach(step.address)
+
+
+def remove_image(image: str, node: str, backend: CacheBackend, transport: Transport,
+                 origin_iqn: str | None) -> None:
+    """Tears the image's stack down (volumes over it must be gone first)."""
+    lio.remove_export(names.export_iqn(image, node), names.backstore(image))
+    dm.remove(names.export_dev(image))
+    backend.remove(image)
+    dm.remove(names.src_dev(image))
+    attached = transport.attached()
+    for a in sessions_of_image(image, origin_iqn, attached):
+        transport.detach(a)
+
+
+@dataclass(frozen=True)
+class Counters:
+    bytes_from_parent: int  # read through -src (kernel counter, survives agent restarts)
+    bytes_served: int  # read by children through the export device
+
+
+def counters(image: str) -> Counters:
+    def read(name: str) -> int:
+        path = dm.mapper_path(name)
+        try:
+            return blockdev.iostat(path).bytes_read
+        except (OSError, blockdev.BlockDevError):
+            return 0
+
+    return Counters(read(names.src_dev(image)), read(names.export_dev(image)))
