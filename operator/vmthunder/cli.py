@@ -52,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     add_csi_arguments(csi)
     csi.set_defaults(func=_csi)
 
+    from vmthunder.node.cli import add_arguments as add_agent_arguments
+    from vmthunder.node.cli import run as run_agent
+
+    agent = sub.add_parser("agent", help="run the node agent (the node's block stack)")
+    add_agent_arguments(agent)
+    agent.set_defaults(func=run_agent)
+
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

@@ -1,0 +1,363 @@
+"""The node agent: reconciles its node's ImageReplicas into the kernel block stack and reports.
+
+Every round: read the API (replicas of this node, their ImageCaches, parents' export addresses,
+children's initiator names, the CHAP secret), decide with pure plan_* functions, apply with
+stack.apply_image, start a hydrator where a cache layer is caching, and write each replica's
+status with a heartbeat. There is no private state: after a restart the round reads the
+kernel (dmsetup, iscsi sessions in sysfs, configfs) and converges.
+
+A node publishes its iSCSI initiator name in a status condition of type "Initiator" of its
+replicas, so a parent can give it an ACL; the CRD has no dedicated field for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from vmthunder.node import blockdev, dm, iscsi, names, stack
+from vmthunder.node.cache import CacheBackend, CacheState, make_backend
+from vmthunder.node.hydrate import Hydrator, parse_profile, plan_prefetch
+from vmthunder.node.iscsi import Chap, TargetAddress
+from vmthunder.node.transport import IscsiTransport, Transport
+from vmthunder.operator.model import (
+    GROUP,
+    IMAGE_CACHES,
+    IMAGE_REPLICAS,
+    LABEL_NODE,
+    VERSION,
+    replica_name,
+)
+
+log = logging.getLogger("vmthunder.agent")
+INITIATOR_CONDITION = "Initiator"
+DEFAULT_REGION = 65536
+
+
+# --- pure decisions ---------------------------------------------------------------------------
+
+def parent_address(replica_spec: Mapping[str, Any], cache_spec: Mapping[str, Any],
+                   parent_status: Mapping[str, Any] | None) -> TargetAddress | None:
+    """The export this replica must read from: the origin's iSCSI source or the parent
+    replica's exportAddress. None while the parent has not published one."""
+    if replica_spec.get("parent") == names.ORIGIN:
+        src = (cache_spec.get("source") or {}).get("iscsi")
+        if not src:
+            return None
+        portal = str(src["portal"])
+        return TargetAddress(portal if ":" in portal else f"{portal}:3260", str(src["iqn"]),
+                             int(src.get("lun", 0)))
+    addr = (parent_status or {}).get("exportAddress")
+    if not addr or not addr.get("portal") or not addr.get("iqn"):
+        return None
+    return TargetAddress(str(addr["portal"]), str(addr["iqn"]), int(addr.get("lun", 0)))
+
+
+def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """Initiator names of the replicas (of one image) whose parent is `node`."""
+    out = []
+    for r in replicas:
+        if (r.get("spec") or {}).get("parent") != node:
+            continue
+        for c in (r.get("status") or {}).get("conditions") or []:
+            if c.get("type") == INITIATOR_CONDITION and c.get("message"):
+                out.append(str(c["message"]))
+    return tuple(sorted(set(out)))
+
+
+def plan_phase(cache: CacheState, has_parent: bool, hydrator_prefetched: int,
+               error: str | None) -> str:
+    if error:
+        return "Failed"
+    if cache.kind == "detached":
+        return "Detached"
+    if cache.kind == "absent":
+        return "Attaching" if has_parent else "Pending"
+    if cache.complete:
+        return "Hydrated"
+    if cache.hydrated == 0 and hydrator_prefetched == 0:
+        return "Attached"
+    return "Hydrating"
+
+
+@dataclass(frozen=True)
+class Report:
+    phase: str
+    cache: CacheState
+    bytes_from_parent: int
+    bytes_served: int
+    export: TargetAddress
+    attached_parent: str
+    initiator: str
+    message: str
+
+
+def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """The replica's new status. Byte counters never go backwards: the kernel's counters vanish
+    with -src at detach, the status keeps the last value."""
+    prev_from = int(previous.get("bytesFromParent", 0))
+    prev_served = int(previous.get("bytesServed", 0))
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    conditions = [c for c in previous.get("conditions") or []
+                  if c.get("type") not in (INITIATOR_CONDITION, "Ready")]
+    conditions.append({"type": INITIATOR_CONDITION, "status": "True", "reason": "InitiatorName",
+                       "message": r.initiator})
+    ready = r.phase in ("Attached", "Hydrating", "Hydrated", "Detached")
+    conditions.append({"type": "Ready", "status": "True" if ready else "False",
+                       "reason": r.phase, "message": r.message[:1000]})
+    total = r.cache.total
+    hydrated = total if r.cache.kind == "detached" and total else r.cache.hydrated
+    if r.cache.kind == "detached":
+        total = int(previous.get("totalRegions", 0)) or total
+        hydrated = total
+    return {
+        "phase": r.phase,
+        "hydratedRegions": hydrated,
+        "totalRegions": total,
+        "bytesFromParent": max(prev_from, r.bytes_from_parent),
+        "bytesServed": max(prev_served, r.bytes_served),
+        "exportAddress": {"portal": r.export.portal, "iqn": r.export.iqn, "lun": r.export.lun},
+        "attachedParent": r.attached_parent,
+        "heartbeat": stamp,
+        "message": r.message[:4000],
+        "conditions": conditions,
+    }
+
+
+def plan_removals(kernel_images: set[str], wanted: set[str]) -> set[str]:
+    return kernel_images - wanted
+
+
+# --- the API ----------------------------------------------------------------------------------
+
+class Kube:
+    """The few reads and the one write the agent does."""
+
+    def __init__(self, api_client: Any) -> None:
+        import kubernetes
+
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+
+    def _get(self, plural: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return cast(dict[str, Any], self.custom.get_cluster_custom_object(
+                GROUP, VERSION, plural, name))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def replicas(self, selector: str) -> list[dict[str, Any]]:
+        res = cast(dict[str, Any], self.custom.list_cluster_custom_object(
+            GROUP, VERSION, IMAGE_REPLICAS, label_selector=selector))
+        return list(res.get("items", []))
+
+    def replica(self, name: str) -> dict[str, Any] | None:
+        return self._get(IMAGE_REPLICAS, name)
+
+    def cache(self, name: str) -> dict[str, Any] | None:
+        return self._get(IMAGE_CACHES, name)
+
+    def chap(self, ref: Mapping[str, Any] | None) -> Chap | None:
+        if not ref:
+            return None
+        s = self.core.read_namespaced_secret(ref["name"], ref["namespace"])
+        data = {k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()}
+        return Chap(data["username"], data["password"], data.get("mutualUsername"),
+                    data.get("mutualPassword"))
+
+    def profile(self, ref: Mapping[str, Any] | None) -> str | None:
+        if not ref:
+            return None
+        cm = self.core.read_namespaced_config_map(ref["name"], ref["namespace"])
+        return str((cm.data or {}).get("profile", "")) or None
+
+    def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, IMAGE_REPLICAS, name, {"status": dict(status)})
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+class Agent:
+    def __init__(self, node: str, kube: Kube, backend: CacheBackend, transport: Transport,
+                 export_ip: str, *, initiator: str | None = None, multipath: bool = True,
+                 profile_file: str | None = None) -> None:
+        self.node = node
+        self.kube = kube
+        self.backend = backend
+        self.transport = transport
+        self.export_ip = export_ip
+        self.initiator = initiator or iscsi.initiator_name()
+        self.multipath = multipath
+        self.profile_file = profile_file
+        self.hydrators: dict[str, Hydrator] = {}
+
+    def round(self) -> None:
+        mine = self.kube.replicas(f"{LABEL_NODE}={self.node}")
+        wanted: set[str] = set()
+        for r in mine:
+            image = str(r["spec"]["imageCache"])
+            wanted.add(image)
+            try:
+                self._replica(r)
+            except Exception as e:  # one replica's failure must not stop the others
+                log.exception("replica %s", r["metadata"]["name"])
+                self._report_failure(r, e)
+        for image in plan_removals(self._kernel_images(), wanted):
+            self._remove(image)
+
+    def _kernel_images(self) -> set[str]:
+        out = set()
+        for n in dm.names():
+            img = names.image_of(n)
+            if img is not None:
+                out.add(img)
+        return out
+
+    def _remove(self, image: str) -> None:
+        path = dm.mapper_path(names.cache_dev(image))
+        exp = dm.info(names.export_dev(image))
+        try:
+            users = [h for h in blockdev.holders(path)
+                     if exp is None or h != f"dm-{exp.minor}"]
+        except (OSError, blockdev.BlockDevError):
+            users = []
+        if users:
+            log.info("keeping %s: volumes still use it (%s)", image, users)
+            return
+        h = self.hydrators.pop(image, None)
+        if h:
+            h.stop()
+            h.join(10)
+        log.info("removing the stack of %s", image)
+        stack.remove_image(image, self.node, self.backend, self.transport, None)
+
+    def _replica(self, r: Mapping[str, Any]) -> None:
+        spec = r["spec"]
+        image = str(spec["imageCache"])
+        ic = self.kube.cache(image)
+        if ic is None:
+            return
+        cspec = ic.get("spec") or {}
+        parent_status = None
+        if spec.get("parent") != names.ORIGIN:
+            pr = self.kube.replica(replica_name(image, str(spec["parent"])))
+            parent_status = (pr or {}).get("status")
+        parent = parent_address(spec, cspec, parent_status)
+        chap = self.kube.chap(cspec.get("chapSecretRef"))
+        siblings = self.kube.replicas(f"vmthunder.io/image-cache={image}")
+        children = children_initiators(self.node, siblings)
+        region = int(cspec.get("regionSizeBytes", DEFAULT_REGION))
+        size = int(cspec.get("sizeBytes") or (ic.get("status") or {}).get("imageSizeBytes") or 0)
+        if not size:
+            size = self._probe_size(image, parent, chap)
+        origin_iqn = ((cspec.get("source") or {}).get("iscsi") or {}).get("iqn")
+        w = stack.Want(
+            image=image, node=self.node, size=size, region_bytes=region, parent=parent,
+            parent_chap=chap, export_ip=self.export_ip, children=children, children_chap=chap,
+            detach_when_hydrated=cspec.get("detachPolicy", "WhenHydrated") == "WhenHydrated",
+            multipath=self.multipath,
+        )
+        message = ""
+        if size:
+            _, steps = stack.apply_image(w, self.backend, self.transport, origin_iqn)
+            if steps:
+                message = "applied: " + ", ".join(type(s).__name__ for s in steps)
+                log.info("%s: %s", image, message)
+        else:
+            message = "waiting for the parent's export"
+        cache = self.backend.observe(image)
+        h = self._hydrator(image, cache, cspec, size, region, parent is not None)
+        c = stack.counters(image)
+        attached = ""
+        if cache.kind == "caching" and parent is not None and dm.exists(names.src_dev(image)):
+            attached = str(spec["parent"])
+        rep = Report(
+            phase=plan_phase(cache, parent is not None, h.prefetched if h else 0,
+                             h.error if h else None),
+            cache=cache, bytes_from_parent=c.bytes_from_parent, bytes_served=c.bytes_served,
+            export=TargetAddress(f"{self.export_ip}:3260", names.export_iqn(image, self.node)),
+            attached_parent=attached, initiator=self.initiator,
+            message=(h.error if h and h.error else message),
+        )
+        status = plan_status(rep, r.get("status") or {}, datetime.now(UTC))
+        self.kube.patch_status(r["metadata"]["name"], status)
+        if h is not None and h.error:
+            self.hydrators.pop(image, None)  # a fresh one next round
+
+    def _probe_size(self, image: str, parent: TargetAddress | None, chap: Chap | None) -> int:
+        if dm.exists(names.cache_dev(image)):
+            return blockdev.size_bytes(dm.mapper_path(names.cache_dev(image)))
+        if parent is None:
+            return 0
+        return blockdev.size_bytes(self.transport.attach(parent, chap))
+
+    def _hydrator(self, image: str, cache: CacheState, cspec: Mapping[str, Any], size: int,
+                  region: int, has_parent: bool) -> Hydrator | None:
+        h = self.hydrators.get(image)
+        if h is not None and (h.is_alive() or h.error):
+            return h
+        if cache.kind != "caching" or cache.complete or not has_parent:
+            return h
+        prefetch = cspec.get("prefetch") or {}
+        order: list[int] = []
+        if prefetch.get("enabled", True):
+            text = None
+            if self.profile_file:
+                with open(self.profile_file) as f:
+                    text = f.read()
+            else:
+                text = self.kube.profile(prefetch.get("profileConfigMap"))
+            if text:
+                order = plan_prefetch(parse_profile(text), region, size)
+        throttle = int((cspec.get("hydration") or {}).get("throttleBytesPerSecond", 0))
+        h = Hydrator(image, self.backend, size=size, region_bytes=region, profile=order,
+                     queue_depth=int(prefetch.get("queueDepth", 8)), throttle=throttle)
+        h.start()
+        self.hydrators[image] = h
+        return h
+
+    def _report_failure(self, r: Mapping[str, Any], e: Exception) -> None:
+        status = dict(r.get("status") or {})
+        status.update(phase="Failed", message=f"{type(e).__name__}: {e}"[:4000],
+                      heartbeat=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        try:
+            self.kube.patch_status(r["metadata"]["name"], status)
+        except Exception:
+            log.exception("status of %s", r["metadata"]["name"])
+
+
+def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder",
+              backend: str = "dm-clone", interval: float = 2.0, multipath: bool = True,
+              replacement_timeout: int | None = None, profile_file: str | None = None,
+              once: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from vmthunder.operator.writer import load_kube_config
+
+    kube = Kube(load_kube_config())
+    # With multipath, a dead session must fail fast so dm-multipath queues the I/O itself
+    # (queue_if_no_path) until a new parent's path is loaded; without it the SCSI layer queues.
+    tmo = replacement_timeout if replacement_timeout is not None else (5 if multipath else 600)
+    agent = Agent(node, kube, make_backend(backend, cache_dir), IscsiTransport(tmo), export_ip,
+                  multipath=multipath, profile_file=profile_file)
+    stop = threading.Event()
+    while not stop.is_set():
+        t0 = time.monotonic()
+        try:
+            agent.round()
+        except Exception:
+            log.exception("round failed")
+        if once:
+            break
+        stop.wait(max(0.1, interval - (time.monotonic() - t0)))
+    return 0

@@ -1,0 +1,31 @@
+"""`vmthunder agent`: the node agent's command line (wired into vmthunder.cli)."""
+
+from __future__ import annotations
+
+import argparse
+
+from vmthunder.node.cache import BACKENDS, DEFAULT_BACKEND
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node", required=True, help="this node's name (the replicas' spec.node)")
+    p.add_argument("--export-ip", required=True, help="address children log in to")
+    p.add_argument("--cache-dir", default="/var/lib/vmthunder")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND)
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between rounds")
+    p.add_argument("--no-multipath", action="store_true",
+                   help="-src as dm-linear (the SCSI layer queues I/O of a dead parent)")
+    p.add_argument("--replacement-timeout", type=int, default=None)
+    p.add_argument("--profile-file", default=None,
+                   help="boot profile to use instead of the ImageCache's ConfigMap")
+    p.add_argument("--once", action="store_true", help="one round, then exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vmthunder.node.agent import run_agent
+
+    return run_agent(args.node, export_ip=args.export_ip, cache_dir=args.cache_dir,
+                     backend=args.backend, interval=args.interval,
+                     multipath=not args.no_multipath,
+                     replacement_timeout=args.replacement_timeout,
+                     profile_file=args.profile_file, once=args.once)

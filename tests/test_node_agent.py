@@ -1,0 +1,81 @@
+"""The agent's pure decisions: where to read from, who may read from us, what to report."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from vmthunder.node import names
+from vmthunder.node.agent import (
+    INITIATOR_CONDITION,
+    Report,
+    children_initiators,
+    parent_address,
+    plan_phase,
+    plan_removals,
+    plan_status,
+)
+from vmthunder.node.cache import CacheState
+from vmthunder.node.iscsi import TargetAddress
+
+CACHE_SPEC = {"source": {"iscsi": {"portal": "10.0.0.2", "iqn": "iqn.2026-11.io.x:gold"}}}
+
+
+def test_origin_parent_reads_the_image_caches_iscsi_source_with_default_port() -> None:
+    a = parent_address({"parent": names.ORIGIN}, CACHE_SPEC, None)
+    assert a == TargetAddress("10.0.0.2:3260", "iqn.2026-11.io.x:gold", 0)
+
+
+def test_node_parent_reads_the_parents_published_export_address() -> None:
+    st = {"exportAddress": {"portal": "10.0.0.11:3260", "iqn": "iqn.x:a.img", "lun": 0}}
+    assert parent_address({"parent": "a"}, CACHE_SPEC, st) == TargetAddress(
+        "10.0.0.11:3260", "iqn.x:a.img", 0)
+
+
+def test_parent_without_an_export_address_means_wait() -> None:
+    assert parent_address({"parent": "a"}, CACHE_SPEC, {"phase": "Attaching"}) is None
+    assert parent_address({"parent": "a"}, CACHE_SPEC, None) is None
+
+
+def test_children_are_replicas_naming_this_node_as_parent_with_their_initiators() -> None:
+    def rep(parent: str, iqn: str | None) -> dict[str, object]:
+        conds = [{"type": INITIATOR_CONDITION, "status": "True", "message": iqn}] if iqn else []
+        return {"spec": {"parent": parent}, "status": {"conditions": conds}}
+
+    reps = [rep("a", "iqn.x:b"), rep("a", "iqn.x:c"), rep("b", "iqn.x:d"), rep("a", None)]
+    assert children_initiators("a", reps) == ("iqn.x:b", "iqn.x:c")
+
+
+def test_phases_follow_the_cache_layer() -> None:
+    assert plan_phase(CacheState("absent"), False, 0, None) == "Pending"
+    assert plan_phase(CacheState("absent"), True, 0, None) == "Attaching"
+    assert plan_phase(CacheState("caching", 0, 10), True, 0, None) == "Attached"
+    assert plan_phase(CacheState("caching", 3, 10), True, 3, None) == "Hydrating"
+    assert plan_phase(CacheState("caching", 10, 10), True, 3, None) == "Hydrated"
+    assert plan_phase(CacheState("detached"), True, 0, None) == "Detached"
+    assert plan_phase(CacheState("caching", 3, 10), True, 3, "boom") == "Failed"
+
+
+def report(cache: CacheState, from_parent: int) -> Report:
+    return Report("Detached" if cache.kind == "detached" else "Hydrating", cache, from_parent,
+                  7, TargetAddress("10.0.0.12:3260", "iqn.x:b.img"), "", "iqn.x:b", "")
+
+
+def test_status_counters_never_go_backwards_after_detach_drops_the_kernel_counter() -> None:
+    prev = {"bytesFromParent": 1000, "bytesServed": 50, "totalRegions": 16}
+    st = plan_status(report(CacheState("detached"), 0), prev, datetime(2026, 1, 1, tzinfo=UTC))
+    assert st["bytesFromParent"] == 1000 and st["bytesServed"] == 50
+    assert st["hydratedRegions"] == st["totalRegions"] == 16
+    assert st["heartbeat"] == "2026-01-01T00:00:00Z"
+
+
+def test_status_publishes_export_address_and_initiator_condition() -> None:
+    st = plan_status(report(CacheState("caching", 2, 16), 10), {}, datetime.now(UTC))
+    assert st["exportAddress"] == {"portal": "10.0.0.12:3260", "iqn": "iqn.x:b.img", "lun": 0}
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds[INITIATOR_CONDITION]["message"] == "iqn.x:b"
+    assert conds["Ready"]["status"] == "True"
+    assert (st["hydratedRegions"], st["totalRegions"]) == (2, 16)
+
+
+def test_images_without_a_replica_are_removed() -> None:
+    assert plan_removals({"a", "b"}, {"b", "c"}) == {"a"}

@@ -1,0 +1,118 @@
+"""The stack planner and the prefetch planner: pure functions, no kernel."""
+
+from __future__ import annotations
+
+from vmthunder.node import lio, names, stack
+from vmthunder.node.cache import CacheState, runs
+from vmthunder.node.hydrate import Read, background_threshold, parse_profile, plan_prefetch
+from vmthunder.node.iscsi import TargetAddress
+
+ORIGIN = TargetAddress("10.0.0.2:3260", "iqn.2026-11.io.example:golden")
+A = TargetAddress("10.0.0.11:3260", names.export_iqn("img", "a"))
+MIB = 1 << 20
+
+
+def want(parent: TargetAddress | None = ORIGIN, **kw: object) -> stack.Want:
+    base: dict[str, object] = dict(image="img", node="b", size=64 * MIB, region_bytes=65536,
+                                   parent=parent, parent_chap=None, export_ip="10.0.0.12")
+    base.update(kw)
+    return stack.Want(**base)  # type: ignore[arg-type]
+
+
+def exported(w: stack.Want) -> lio.ExportInfo:
+    spec = stack.export_spec(w)
+    return lio.ExportInfo(spec.iqn, spec.backstore, spec.device, (f"{spec.ip}:{spec.port}",),
+                          spec.initiators)
+
+
+def built(w: stack.Want, parent: TargetAddress, cache: CacheState) -> stack.Seen:
+    return stack.Seen(src_table=("8:0",), src_kind="multipath", sessions={parent: "8:0"},
+                      cache=cache, export_dev=True, export=exported(w))
+
+
+def kinds(steps: list[stack.Step]) -> list[str]:
+    return [type(s).__name__ for s in steps]
+
+
+def test_fresh_node_attaches_builds_source_cache_and_export_in_order() -> None:
+    steps = stack.plan_image(want(), stack.Seen(None, None))
+    assert kinds(steps) == ["Attach", "SetSource", "BuildCache", "BuildExportDev", "Export"]
+
+
+def test_converged_stack_plans_nothing() -> None:
+    w = want()
+    assert stack.plan_image(w, built(w, ORIGIN, CacheState("caching", 3, 1024))) == []
+
+
+def test_without_a_parent_export_nothing_is_built() -> None:
+    steps = stack.plan_image(want(parent=None), stack.Seen(None, None))
+    assert "BuildCache" not in kinds(steps) and "Attach" not in kinds(steps)
+
+
+def test_reparent_logs_in_reloads_source_then_logs_out_of_old_parent() -> None:
+    w = want(parent=A)
+    seen = built(w, ORIGIN, CacheState("caching", 3, 1024))
+    assert stack.plan_image(w, seen) == [stack.Attach(A), stack.SetSource(A), stack.Logout(ORIGIN)]
+
+
+def test_hydrated_cache_detaches_removes_source_and_logs_out() -> None:
+    w = want()
+    steps = stack.plan_image(w, built(w, ORIGIN, CacheState("caching", 1024, 1024)))
+    assert kinds(steps) == ["DetachCache", "RemoveSource", "Logout"]
+
+
+def test_hydrated_cache_with_detach_never_keeps_its_parent() -> None:
+    w = want(detach_when_hydrated=False)
+    assert stack.plan_image(w, built(w, ORIGIN, CacheState("caching", 1024, 1024))) == []
+
+
+def test_detached_cache_keeps_serving_and_ignores_parent_changes() -> None:
+    w = want(parent=A)
+    seen = stack.Seen(None, None, {}, CacheState("detached"), True, exported(w))
+    assert stack.plan_image(w, seen) == []
+
+
+def test_new_child_changes_the_export_acl() -> None:
+    w = want()
+    seen = built(w, ORIGIN, CacheState("caching", 3, 1024))
+    w2 = want(children=("iqn.2026-11.io.example:c",))
+    assert kinds(stack.plan_image(w2, seen)) == ["Export"]
+
+
+def test_sessions_of_image_are_the_origin_and_node_exports_of_that_image() -> None:
+    other = TargetAddress("10.0.0.13:3260", names.export_iqn("other", "x"))
+    got = stack.sessions_of_image("img", ORIGIN.iqn, {ORIGIN: "8:0", A: "8:16", other: "8:32"})
+    assert set(got) == {ORIGIN, A}
+
+
+def test_prefetch_order_is_first_touch_order_without_duplicates() -> None:
+    reads = [Read(5 * 65536 + 10, 100), Read(0, 65536 * 2), Read(5 * 65536, 4096)]
+    assert plan_prefetch(reads, 65536, 64 * MIB) == [5, 0, 1]
+
+
+def test_prefetch_ignores_reads_past_the_end_of_the_image() -> None:
+    assert plan_prefetch([Read(65536 * 3, 65536 * 4)], 65536, 4 * 65536) == [3]
+
+
+def test_profile_parses_lists_and_dicts() -> None:
+    assert parse_profile('[[0, 4096, 0.1], {"offset": 8192, "length": 512}]') == [
+        Read(0, 4096), Read(8192, 512)]
+    assert parse_profile('{"reads": [[1, 2]]}') == [Read(1, 2)]
+
+
+def test_corrupt_profile_is_rejected() -> None:
+    import pytest
+
+    for bad in ('{"reads": 3}', '[[0, -1]]', '[["x"]]'):
+        with pytest.raises((ValueError, KeyError)):
+            parse_profile(bad)
+
+
+def test_runs_group_consecutive_regions_up_to_a_limit() -> None:
+    assert runs([1, 2, 3, 7, 8, 4], 2) == [(1, 2), (3, 1), (7, 2), (4, 1)]
+
+
+def test_background_threshold_follows_the_throttle() -> None:
+    assert background_threshold(0, 65536) == 64
+    assert background_threshold(20 * MIB, 65536) == 16
+    assert background_threshold(1, 65536) == 1
