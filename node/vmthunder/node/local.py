@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from vmthunder.node import blockdev, lio, names, stack
+from vmthunder.node import blockdev, dm, lio, names, stack
 from vmthunder.node.cache import make_backend
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import IscsiTransport
@@ -80,6 +80,18 @@ def main(argv: list[str] | None = None) -> int:
             iqn=r["iqn"], backstore=names.backstore(r["image"]), device=r["device"],
             ip=r["ip"], chap=_chap(r.get("chap")), initiators=tuple(r.get("initiators", ()))))
         out = {"size": blockdev.size_bytes(r["device"])}
+    elif cmd == "volume":
+        # A copy-on-write volume over the image, as the CSI node plugin builds one (dm-snapshot).
+        name = names.volume_dev(r["id"])
+        if not dm.exists(name):
+            cow_file = f"{r.get('cache_dir', '/var/lib/vmthunder')}/vol-{r['id']}.cow"
+            blockdev.ensure_sparse_file(cow_file, int(r.get("cow_bytes", 64 << 20)))
+            cow = blockdev.loop_attach(cow_file)
+            dm.create(name, [dm.snapshot(int(r["size"]) // 512,
+                                         dm.mapper_path(names.cache_dev(r["image"])), cow)])
+        out = {"device": dm.mapper_path(name)}
+    elif cmd == "unvolume":
+        dm.remove(names.volume_dev(r["id"]))
     else:
         print(f"unknown command {cmd}", file=sys.stderr)
         return 2

@@ -1,0 +1,223 @@
+"""The node's block stack in lab guests (Debian's kernel, dm-clone built out of tree).
+
+Tree: O -> A -> {B, D, E}, B -> C (a chain of three under the origin and a fan-out of three
+under A). O is a node guest standing in for the origin: the golden image read-only over LIO
+with CHAP and an ACL. Every node's stack is built by the same code the agent runs
+(stack.apply_image through `python -m vmthunder.node.local`). Image 32 MiB, 64 KiB regions,
+a synthetic boot profile over ~12% of it. The tests share one lab and run in file order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmthunder.lab.lab import Guest, Lab
+from vmthunder.node import labdrive as ld
+from vmthunder.node import names
+from vmthunder.node.hydrate import Read, plan_prefetch
+
+pytestmark = pytest.mark.lab
+
+SIZE = 32 << 20
+REGION = 65536
+IMG = "golden"
+CHAP = {"username": "vmthunder", "password": "labsecret1234"}
+
+
+@dataclass
+class Tree:
+    lab: Lab
+    image: Path
+    sha: str
+    loop: str
+    parents: dict[str, str] = field(default_factory=dict)  # node -> parent node ("O")
+    reads: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def o(self) -> Guest:
+        return self.lab.nodes[0]
+
+    def g(self, role: str) -> Guest:
+        return self.lab.nodes["OABCDE".index(role)]
+
+    @property
+    def origin_iqn(self) -> str:
+        return f"{names.IQN_BASE}:origin.{IMG}"
+
+    def base(self) -> dict[str, Any]:
+        return {"image": IMG, "size": SIZE, "region_bytes": REGION, "chap": CHAP,
+                "origin_iqn": self.origin_iqn, "cache_dir": ld.CACHE_DIR}
+
+    def children(self, role: str) -> list[str]:
+        return [self.g(c).iqn for c, p in self.parents.items() if p == role]
+
+    def export_origin(self) -> None:
+        ld.local(self.o, "export", {"image": IMG, "iqn": self.origin_iqn, "device": self.loop,
+                                    "ip": self.o.ip, "chap": CHAP,
+                                    "initiators": self.children("O")})
+
+    def apply(self, role: str, **extra: Any) -> list[str]:
+        p = self.parents[role]
+        parent = ({"portal": f"{self.o.ip}:3260", "iqn": self.origin_iqn} if p == "O" else
+                  {"portal": f"{self.g(p).ip}:3260", "iqn": names.export_iqn(IMG, self.g(p).name)})
+        g = self.g(role)
+        out = ld.local(g, "apply", {**self.base(), "node": g.name, "export_ip": g.ip,
+                                    "children": self.children(role), "parent": parent, **extra})
+        return [s["step"] for s in out["steps"]]
+
+    def status(self, role: str) -> dict[str, Any]:
+        return ld.local(self.g(role), "status", self.base())
+
+    def origin_bytes(self) -> int:
+        name = self.loop.split("/")[-1]
+        r = self.o.run(f"cat /sys/block/{name}/stat", check=True)
+        return int(r.stdout.split()[2]) * 512
+
+
+@pytest.fixture(scope="module")
+def tree() -> Iterator[Tree]:
+    image = ld.golden_image(SIZE)
+    with Lab.up(nodes=6, origin=False) as lab:
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(ld.prepare_node, lab.nodes))
+        o = lab.nodes[0]
+        loop = o.run(f"losetup -f --show -r {image}", check=True).stdout.strip()
+        t = Tree(lab, image, ld.sha256_file(image), loop,
+                 {"A": "O", "B": "A", "D": "A", "E": "A", "C": "B"},
+                 ld.synthetic_profile(SIZE))
+        t.export_origin()
+        for role in "ABDEC":  # parents first: a child needs its parent's export
+            t.apply(role)
+        yield t
+
+
+def test_stack_builds_and_a_second_apply_changes_nothing(tree: Tree) -> None:
+    for role in "ABCDE":
+        assert tree.apply(role) == [], role
+        st = tree.status(role)
+        assert st["cache"]["kind"] == "caching" and st["cache"]["total"] == SIZE // REGION
+
+
+def test_prefetch_hydrates_the_profile_and_origin_serves_about_the_read_set(tree: Tree) -> None:
+    order = plan_prefetch([Read(o, n) for o, n in tree.reads], REGION, SIZE)
+    before = tree.origin_bytes()
+
+    def prefetch(role: str) -> None:
+        ld.local(tree.g(role), "hydrate", {**tree.base(), "regions": order, "queue_depth": 8})
+
+    # Parents start first, as in the tree; everyone runs the same order at once.
+    with ThreadPoolExecutor(5) as pool:
+        futures = []
+        for role in "ABDEC":
+            futures.append(pool.submit(prefetch, role))
+            time.sleep(0.3)
+        for f in futures:
+            f.result()
+    read_set = len(order) * REGION
+    served = tree.origin_bytes() - before
+    print(f"read set {read_set} B, origin served {served} B ({served / read_set:.3f}x)")
+    assert served <= 1.1 * read_set
+    for role in "ABCDE":
+        st = tree.status(role)
+        assert st["cache"]["hydrated"] >= len(order), role
+        assert st["bytes_from_parent"] <= 1.1 * read_set, (role, st)
+
+
+def test_volume_on_c_reads_the_exact_image_while_a_and_b_still_hydrate(tree: Tree) -> None:
+    for role in "AB":
+        st = tree.status(role)
+        assert not st["complete"], (role, st)
+    c = tree.g("C")
+    dev = ld.local(c, "volume", {**tree.base(), "id": "c1"})["device"]
+    assert ld.guest_sha256(c, dev, SIZE) == tree.sha
+    for role in "AB":
+        assert not tree.status(role)["complete"], role
+    ld.local(c, "unvolume", {"id": "c1"})
+
+
+def test_two_volumes_on_one_node_diverge_and_the_image_is_untouched(tree: Tree) -> None:
+    d = tree.g("D")
+    v1 = ld.local(d, "volume", {**tree.base(), "id": "d1"})["device"]
+    v2 = ld.local(d, "volume", {**tree.base(), "id": "d2"})["device"]
+    for v, word in ((v1, "one"), (v2, "two")):
+        d.run(f"(printf {word}; head -c 4093 /dev/zero) | "
+              f"dd of={v} bs=4096 seek=1 count=1 oflag=direct conv=notrunc", check=True)
+    r1, r2 = (d.run(f"dd if={v} bs=4096 skip=1 count=1 iflag=direct 2>/dev/null | head -c 3",
+                    check=True) for v in (v1, v2))
+    assert r1.stdout[:3] == "one" and r2.stdout[:3] == "two"
+    image_dev = f"/dev/mapper/{names.cache_dev(IMG)}"
+    assert ld.guest_sha256(d, image_dev, SIZE) == tree.sha
+    for v in ("d1", "d2"):
+        ld.local(d, "unvolume", {"id": v})
+
+
+def test_reparent_b_to_the_origin_while_c_streams_the_image(tree: Tree) -> None:
+    c = tree.g("C")
+    dev = f"/dev/mapper/{names.cache_dev(IMG)}"
+    c.run("rm -f /tmp/stream.out /tmp/stream.done")
+    # The stream reads with O_DIRECT in small blocks so it spans the re-parenting.
+    c.start_background(f"(dd if={dev} bs=64k iflag=direct 2>/tmp/stream.err | sha256sum "
+                       f"> /tmp/stream.out; echo $? > /tmp/stream.done)", log="/tmp/stream.log")
+    time.sleep(1.0)
+    tree.parents["B"] = "O"
+    tree.export_origin()  # B may now log in to the origin
+    steps = tree.apply("B")
+    assert steps[:2] == ["Attach", "SetSource"] and steps[-1] == "Logout", steps
+    deadline = time.monotonic() + 600
+    while c.run("test -e /tmp/stream.done").rc != 0:
+        assert time.monotonic() < deadline, "stream did not finish"
+        time.sleep(2)
+    err = c.run("cat /tmp/stream.err").stdout
+    assert "error" not in err.lower(), err
+    assert c.run("cat /tmp/stream.out").stdout.split()[0] == tree.sha
+    assert tree.apply("B") == []  # converged: A's session is gone, -src reads the origin
+
+
+def test_a_restarted_driver_converges_with_no_duplicate_devices_or_sessions(tree: Tree) -> None:
+    b = tree.g("B")
+    before = b.run("dmsetup ls | sort; iscsiadm -m session 2>/dev/null | sort", check=True)
+    ld.local(b, "background", {**tree.base(), "threshold": 4})
+    # A fresh process (the agent after a restart) sees the kernel's stack and plans nothing.
+    assert tree.apply("B") == []
+    after = b.run("dmsetup ls | sort; iscsiadm -m session 2>/dev/null | sort", check=True)
+    assert before.stdout == after.stdout
+    h0 = tree.status("B")["cache"]["hydrated"]
+    time.sleep(5)
+    assert tree.status("B")["cache"]["hydrated"] > h0  # hydration continues in the kernel
+
+
+def test_full_hydration_detaches_every_node_and_each_still_serves(tree: Tree) -> None:
+    for role in "ABCDE":
+        ld.local(tree.g(role), "background", {**tree.base(), "threshold": 64})
+    deadline = time.monotonic() + 900
+    pending = set("ABCDE")
+    while pending:
+        assert time.monotonic() < deadline, f"not hydrated: {pending}"
+        for role in "ABDEC":
+            if role in pending and tree.status(role)["complete"]:
+                pending.discard(role)
+        time.sleep(3)
+    finals = {role: tree.status(role) for role in "ABCDE"}  # counters before -src goes away
+    for role in "ABDEC":
+        steps = tree.apply(role)
+        assert "DetachCache" in steps and "RemoveSource" in steps, (role, steps)
+    for role in "ABCDE":
+        g = tree.g(role)
+        assert g.run("iscsiadm -m session").rc != 0, f"{role} still has a session"
+        assert tree.status(role)["cache"]["kind"] == "detached"
+    # C reads through B (detached), D through A (detached): served from their caches.
+    dev = f"/dev/mapper/{names.cache_dev(IMG)}"
+    assert ld.guest_sha256(tree.g("C"), dev, SIZE) == tree.sha
+    assert ld.guest_sha256(tree.g("D"), dev, SIZE) == tree.sha
+    for role, st in finals.items():
+        cached = st["cache"]["hydrated"] * REGION
+        print(f"{role}: from parent {st['bytes_from_parent']} B, cached {cached} B, "
+              f"served {st['bytes_served']} B")
+        assert st["bytes_from_parent"] <= 1.1 * cached, (role, st)
