@@ -235,6 +235,8 @@ def start_control_plane(
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--enable-priority-and-fairness=false",
+            # As kubeadm and every distribution set it: CSI node plugins run privileged.
+            "--allow-privileged=true",
             "--v=0",
         ])
         _wait_ready(cp, timeout)
