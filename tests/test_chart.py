@@ -4,6 +4,7 @@ rendered StatefulSet's command line under the chart's own ServiceAccount."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -282,7 +283,8 @@ def operator_from_the_chart(
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(executable), *args],
                                 env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin",
-                                     "PYTHONUNBUFFERED": "1"},
+                                     "PYTHONUNBUFFERED": "1",
+                                     "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         yield proc, metrics, log
