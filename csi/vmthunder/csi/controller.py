@@ -193,11 +193,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise CsiError(grpc.StatusCode.UNAVAILABLE,
                            f"the size of ImageCache {image_cache!r} is not known yet")
         capacity = plan_capacity(required, limit, image.size_bytes)
-        counts: dict[str, int] = {}
-        for v in self.state.list_volumes():
-            counts[v.node] = counts.get(v.node, 0) + 1
-        node = plan_node(preferred, requisite, self.state.nodes(),
-                         self.state.replica_phases(image_cache), counts)
+        node = self._place(image_cache, preferred, requisite)
         if node is None:
             raise CsiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            "no node satisfies the topology requirement")
@@ -213,6 +209,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise CsiError(grpc.StatusCode.ABORTED, f"volume {volume_id} vanished, retry")
             return raced
         return volume
+
+    def _place(self, image_cache: str, preferred: list[str], requisite: list[str]
+               ) -> str | None:
+        # The common case (WaitForFirstConsumer) reads only the preferred nodes; listing every
+        # node, replica and volume is for requests that leave the choice to us.
+        known = {n: info for n in preferred if (info := self.state.node(n)) is not None}
+        node = plan_node(preferred, requisite, known, {}, {})
+        if node is not None and node in preferred:
+            return node
+        counts: dict[str, int] = {}
+        for v in self.state.list_volumes():
+            counts[v.node] = counts.get(v.node, 0) + 1
+        return plan_node([], requisite, self.state.nodes(),
+                         self.state.replica_phases(image_cache), counts)
 
     def _wait_for_replica(self, volume: Volume) -> None:
         """The operator plans a replica for every node that has a volume of the image."""

@@ -237,6 +237,17 @@ class KubeState:
             for obj in result.get("items", [])
         }
 
+    def node(self, name: str) -> NodeInfo | None:
+        try:
+            node = self.core.read_node(name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        conditions = node.status.conditions if node.status else None
+        return NodeInfo(name, any(c.type == "Ready" and c.status == "True"
+                                  for c in conditions or []))
+
     def nodes(self) -> dict[str, NodeInfo]:
         result = self.core.list_node()
         nodes = {}

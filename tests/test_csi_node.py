@@ -1,0 +1,312 @@
+"""The whole CSI driver (identity, controller, node) in a qemu guest with device-mapper, the
+API server and the operator on the host: the official csi-sanity suite, and the driver driven
+the way kubelet drives it, checking the bytes a VM would read.
+
+Until the node agent runs in the lab, the test stands in for it on the node: the image device
+vmt-<image> is a read-only dm-linear over the image (the agent's dm-clone gives the same
+bytes), and the test reports the node's ImageReplica Attached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import kubernetes
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from vmthunder.csi.names import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, IMAGE_VOLUMES, VERSION
+from vmthunder.lab.controlplane import ControlPlane, start_control_plane
+from vmthunder.lab.lab import Guest, Lab
+from vmthunder.lab.nodes import register_node
+
+pytestmark = [pytest.mark.lab, pytest.mark.apiserver]
+
+REPO = Path(__file__).resolve().parent.parent
+SANITY = Path.home() / ".cache" / "vmthunder" / "bin" / "csi-sanity"
+IMAGE = "golden"
+IMAGE_SIZE = 64 << 20
+STATE = "/var/lib/vmthunder"
+SOCKET = "/run/csi/csi.sock"
+# Skips csi-sanity makes for capabilities the driver does not advertise, and only those.
+UNADVERTISED_SKIP = re.compile(r"not supported|does not have single node multi writer")
+
+
+@dataclass
+class Rig:
+    lab: Lab
+    node: Guest
+    cp: ControlPlane
+    custom: kubernetes.client.CustomObjectsApi
+    image: Path
+    image_sha256: str
+    workdir: Path
+
+    def guest_python(self, script: str, timeout: float = 300) -> Any:
+        """Runs a Python script in the guest with the project's venv; returns its JSON output."""
+        result = self.node.run([sys.executable, "-"], input=script, timeout=timeout,
+                               env={"KUBECONFIG": str(self.cp.kubeconfig)})
+        assert result.ok, f"guest script failed: {result.stderr[-3000:]}"
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def driver_log(self) -> str:
+        return self.node.run("tail -c 20000 /tmp/csi-driver.log").stdout
+
+
+def _wait(what: str, check: Any, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    work = tmp_path_factory.mktemp("csi-lab")
+    image = work / "golden.raw"
+    image.write_bytes(random.Random(5).randbytes(IMAGE_SIZE))
+    sha = hashlib.sha256(image.read_bytes()).hexdigest()
+    lab = Lab.up(nodes=1, origin=False)
+    cp: ControlPlane | None = None
+    operator = None
+    try:
+        # The API server listens on the lab bridge so the guest's driver reaches it.
+        cp = start_control_plane(work / "cp", bind_address=lab.host_ip)
+        cp.install_vmthunder_crds()
+        node = lab.nodes[0]
+        api = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
+            str(cp.kubeconfig))
+        custom = kubernetes.client.CustomObjectsApi(api)
+        register_node(kubernetes.client.CoreV1Api(api), node.name)
+        custom.create_cluster_custom_object(GROUP, VERSION, IMAGE_CACHES, {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageCache",
+            "metadata": {"name": IMAGE},
+            "spec": {"source": {"http": {"url": "http://images.example/golden.raw"}},
+                     "sizeBytes": IMAGE_SIZE, "nodeSelector": {}},
+        })
+        operator = cp.spawn_operator(work / "operator.log", priority=100)
+        replica = f"{IMAGE}.{node.name}"
+        _wait("the operator to plan the node's replica", lambda: _exists(custom, replica))
+
+        # Stand-in for the node agent: the image device on the node's cache disk, Attached.
+        node.run(f"""set -e
+            mkfs.ext4 -q -F {node.cache_disk}
+            mkdir -p {STATE} && mount {node.cache_disk} {STATE}
+            mkdir -p {STATE}/images {STATE}/volumes /run/csi
+            cp {image} {STATE}/images/{IMAGE}.raw
+            dev=$(losetup --find --show --read-only {STATE}/images/{IMAGE}.raw)
+            dmsetup create vmt-{IMAGE} --noudevsync --readonly \\
+                --table "0 {IMAGE_SIZE // 512} linear $dev 0"
+            dmsetup mknodes
+        """, timeout=120, check=True)
+        custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, IMAGE_REPLICAS, replica, {"status": {"phase": "Attached"}})
+
+        node.start_background(
+            f"cd {REPO} && exec {sys.executable} -m vmthunder.cli csi --mode all "
+            f"--endpoint unix://{SOCKET} --node-id {node.name} --state-dir {STATE}/volumes",
+            log="/tmp/csi-driver.log",
+            env={"KUBECONFIG": str(cp.kubeconfig), "PYTHONUNBUFFERED": "1"},
+        )
+        rig = Rig(lab, node, cp, custom, image, sha, work)
+        rig.guest_python(PROBE, timeout=180)
+        yield rig
+    finally:
+        if operator is not None:
+            operator.terminate()
+            operator.wait(15)
+        if cp is not None:
+            cp.stop()
+        lab.down()
+
+
+def _exists(custom: kubernetes.client.CustomObjectsApi, replica: str) -> bool:
+    try:
+        custom.get_cluster_custom_object(GROUP, VERSION, IMAGE_REPLICAS, replica)
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
+PROBE = f"""
+import json, time
+from vmthunder.csi.client import connect
+from vmthunder.csi.proto import csi_pb2
+deadline = time.monotonic() + 150
+while True:
+    try:
+        c = connect("unix://{SOCKET}")
+        if c.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value:
+            break
+    except Exception as e:
+        if time.monotonic() > deadline:
+            raise
+    time.sleep(0.5)
+print(json.dumps({{"ready": True}}))
+"""
+
+
+def test_csi_sanity_passes_against_the_driver_with_its_device_mapper_backend(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.node.run(f"printf 'imageCache: {IMAGE}\\n' > /tmp/sanity-params.yaml", check=True)
+    result = rig.node.run(
+        f"timeout 1500 {SANITY} --csi.endpoint unix://{SOCKET} "
+        "--csi.stagingdir /tmp/csi-staging --csi.mountdir /tmp/csi-mount "
+        "--csi.testvolumeparameters /tmp/sanity-params.yaml --csi.testvolumeaccesstype block "
+        "--ginkgo.junit-report /tmp/sanity.xml --ginkgo.no-color",
+        timeout=1600,
+    )
+    report = rig.node.run("cat /tmp/sanity.xml").stdout
+    (rig.workdir / "sanity.xml").write_text(report)
+    (rig.workdir / "sanity.out").write_text(result.stdout + result.stderr)
+    cases = ET.fromstring(report).iter("testcase")
+    passed, failed, skipped, pending = [], [], [], []
+    for case in cases:
+        name = case.get("name", "")
+        if name.startswith("[BeforeSuite]") or name.startswith("[AfterSuite]"):
+            continue
+        status = case.get("status", "")
+        if status == "passed":
+            passed.append(name)
+        elif status == "pending":
+            pending.append(name)
+        elif status == "skipped":
+            node = case.find("skipped")
+            skipped.append((name, node.get("message", "") if node is not None else ""))
+        else:
+            failed.append(name)
+    with capsys.disabled():
+        print(f"\ncsi-sanity: {len(passed)} passed, {len(failed)} failed, "
+              f"{len(skipped)} skipped (capabilities not advertised), {len(pending)} pending")
+    assert not failed, f"failed: {failed}\n{result.stdout[-6000:]}\n{rig.driver_log()}"
+    unexpected = [(n, m) for n, m in skipped if not UNADVERTISED_SKIP.search(m)]
+    assert not unexpected, f"skipped for other reasons than capabilities: {unexpected}"
+    assert result.rc == 0 and len(passed) >= 40
+
+
+KUBELET = """
+import hashlib, json, os, subprocess, sys
+from vmthunder.csi.client import connect
+from vmthunder.csi.proto import csi_pb2
+
+SOCKET, NODE, IMAGE, SIZE = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+c = connect("unix://" + SOCKET)
+block = csi_pb2.VolumeCapability(
+    block=csi_pb2.VolumeCapability.BlockVolume(),
+    access_mode=csi_pb2.VolumeCapability.AccessMode(
+        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+here = csi_pb2.Topology(segments={"topology.vmthunder.io/node": NODE})
+# external-provisioner with WaitForFirstConsumer: the scheduled node first in `preferred`.
+vol = c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+    name="pvc-0d6e3c1e-kubelet", parameters={"imageCache": IMAGE}, volume_capabilities=[block],
+    capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+    accessibility_requirements=csi_pb2.TopologyRequirement(requisite=[here], preferred=[here]),
+), timeout=120).volume
+vid = vol.volume_id
+pod = "/var/lib/kubelet/pods/7f3a/volumeDevices/kubernetes.io~csi"
+staging = "/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/staging/pvc-x"
+target = pod + "/pvc-x"
+os.makedirs(staging, exist_ok=True)
+os.makedirs(pod, exist_ok=True)
+
+def sha(path, size=SIZE):
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        left = size
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+rounds = []
+written = bytes(range(256)) * 4096  # 1 MiB the VM writes
+for round_ in range(2):
+    for _ in range(2):  # kubelet retries: every call must be idempotent
+        c.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=staging, volume_capability=block,
+            volume_context=vol.volume_context), timeout=120)
+    for _ in range(2):
+        c.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=vid, staging_target_path=staging, target_path=target,
+            volume_capability=block, volume_context=vol.volume_context), timeout=60)
+    info = {"target_is_block": __import__("stat").S_ISBLK(os.stat(target).st_mode),
+            "sha256": sha(target), "first_mib_is_written": False}
+    with open(target, "rb", buffering=0) as f:
+        info["first_mib_is_written"] = f.read(1 << 20) == written
+    stats = c.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=vid, volume_path=target))
+    info["stats_total"] = stats.usage[0].total
+    if round_ == 0:  # the VM writes to its own copy-on-write layer, not to the image
+        fd = os.open(target, os.O_WRONLY)
+        os.pwrite(fd, written, 0)
+        os.fsync(fd)
+        os.close(fd)
+    for _ in range(2):
+        c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=vid, target_path=target), timeout=60)
+    info["target_gone"] = not os.path.exists(target)
+    for _ in range(2):
+        c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vid, staging_target_path=staging), timeout=60)
+    info["device_gone"] = not os.path.exists("/dev/mapper/vmt-vol-" + vid)
+    rounds.append(info)
+image_sha = sha("/dev/mapper/vmt-" + IMAGE)
+c.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=60)
+print(json.dumps({"volume_id": vid, "capacity": vol.capacity_bytes,
+                  "topology": dict(vol.accessible_topology[0].segments),
+                  "rounds": rounds, "image_sha256_after": image_sha}))
+"""
+
+
+def test_a_volume_driven_like_kubelet_reads_the_image_and_keeps_its_writes(rig: Rig) -> None:
+    result = rig.node.run(
+        [sys.executable, "-c", KUBELET, SOCKET, rig.node.name, IMAGE, str(IMAGE_SIZE)],
+        env={"KUBECONFIG": str(rig.cp.kubeconfig)}, timeout=600)
+    assert result.ok, f"{result.stderr[-3000:]}\n{rig.driver_log()}"
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["capacity"] == IMAGE_SIZE
+    assert out["topology"] == {"topology.vmthunder.io/node": rig.node.name}
+    first, second = out["rounds"]
+    # Freshly staged, the block device at the pod's path reads exactly the image.
+    assert first["target_is_block"] and first["sha256"] == rig.image_sha256
+    assert first["stats_total"] == IMAGE_SIZE
+    # Restaged, it reads the VM's write over the image: the COW data survived unstage.
+    written = bytes(range(256)) * 4096
+    expected = hashlib.sha256(written + rig.image.read_bytes()[len(written):]).hexdigest()
+    assert second["first_mib_is_written"] and second["sha256"] == expected
+    for r in (first, second):
+        assert r["target_gone"] and r["device_gone"]
+    # The image itself is untouched.
+    assert out["image_sha256_after"] == rig.image_sha256
+    # DeleteVolume: the node frees the COW data, then the record goes.
+    vid = out["volume_id"]
+    _wait("the ImageVolume to go", lambda: _volume_gone(rig.custom, vid), timeout=60)
+    assert rig.node.run(f"test -e {STATE}/volumes/{vid}.cow").rc != 0
+
+
+def _volume_gone(custom: kubernetes.client.CustomObjectsApi, vid: str) -> bool:
+    try:
+        cast(dict[str, Any], custom.get_cluster_custom_object(GROUP, VERSION, IMAGE_VOLUMES, vid))
+    except ApiException as e:
+        if e.status == 404:
+            return True
+        raise
+    return False
