@@ -1,0 +1,179 @@
+"""Exec agent inside a lab guest: serves requests on the virtio-serial ports named vmt.exec.*.
+
+Runs under the guest's /usr/bin/python3 (the host's, seen over 9p), stdlib only. One request at a
+time per port; the host side locks a port per request, so ports give concurrency. Protocol: one
+JSON object per line each way.
+
+  {"id": "...", "op": "run", "cmd": "..." | [...], "timeout": 30, "stdin": b64, "env": {...}}
+    -> {"id", "rc", "stdout": b64, "stderr": b64, "timed_out", "seconds"}
+  {"id": "...", "op": "spawn", "cmd": ..., "log": "/path"}  -> {"id", "pid"}
+  {"id": "...", "op": "ping"}                                -> {"id", "uptime"}
+Errors: {"id", "error": "..."}.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+PORT_PREFIX = "vmt.exec."
+wakeups: list[threading.Event] = []
+
+
+def find_ports() -> list[str]:
+    ports = []
+    base = "/sys/class/virtio-ports"
+    for entry in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        try:
+            with open(f"{base}/{entry}/name") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith(PORT_PREFIX):
+            ports.append(f"/dev/{entry}")
+    return ports
+
+
+def b64(data: bytes | None) -> str:
+    return base64.b64encode(data or b"").decode()
+
+
+def run(req: dict[str, Any]) -> dict[str, Any]:
+    cmd = req["cmd"]
+    env = dict(os.environ)
+    env.update(req.get("env") or {})
+    stdin = base64.b64decode(req["stdin"]) if req.get("stdin") else None
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        shell=isinstance(cmd, str),
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=req.get("cwd") or "/",
+        start_new_session=True,
+    )
+    timed_out = False
+    try:
+        out, err = proc.communicate(stdin, timeout=req.get("timeout"))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        out, err = proc.communicate()
+    return {
+        "rc": proc.returncode,
+        "stdout": b64(out),
+        "stderr": b64(err),
+        "timed_out": timed_out,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+
+
+def spawn(req: dict[str, Any]) -> dict[str, Any]:
+    cmd = req["cmd"]
+    env = dict(os.environ)
+    env.update(req.get("env") or {})
+    log = req.get("log") or "/dev/null"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            shell=isinstance(cmd, str),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=req.get("cwd") or "/",
+            start_new_session=True,
+        )
+    # Reap it whenever it ends, so it does not stay a zombie (init reaps only orphans).
+    threading.Thread(target=proc.wait, daemon=True).start()
+    return {"pid": proc.pid}
+
+
+def handle(line: bytes) -> dict[str, Any]:
+    try:
+        req = json.loads(line)
+    except ValueError as e:
+        return {"id": None, "error": f"bad request: {e}"}
+    rid = req.get("id")
+    try:
+        op = req.get("op")
+        if op == "run":
+            res = run(req)
+        elif op == "spawn":
+            res = spawn(req)
+        elif op == "ping":
+            with open("/proc/uptime") as f:
+                res = {"uptime": float(f.read().split()[0])}
+        else:
+            res = {"error": f"unknown op {op!r}"}
+    except Exception as e:  # report, never die: the host waits for an answer
+        res = {"error": f"{type(e).__name__}: {e}"}
+    res["id"] = rid
+    return res
+
+
+def write_all(fd: int, data: bytes) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def serve(path: str, wake: threading.Event) -> None:
+    fd = os.open(path, os.O_RDWR)
+    # SIGIO tells us a host client connected: no polling while nobody is there.
+    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+    buf = b""
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except OSError:
+            data = b""
+        if not data:  # no host client connected: drop any partial request, wait
+            buf = b""
+            wake.wait(2.0)
+            wake.clear()
+            continue
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                try:
+                    write_all(fd, json.dumps(handle(line)).encode() + b"\n")
+                except OSError:
+                    pass
+
+
+def main() -> None:
+    ports = find_ports()
+    if not ports:
+        print("vmt-agent: no vmt.exec ports", flush=True)
+        time.sleep(5)
+        sys.exit(1)
+    signal.signal(signal.SIGIO, lambda *_: [w.set() for w in wakeups])
+    for p in ports:
+        ev = threading.Event()
+        wakeups.append(ev)
+        threading.Thread(target=serve, args=(p, ev), daemon=True).start()
+    with open("/proc/uptime") as f:
+        up = f.read().split()[0]
+    print(f"VMT-AGENT-READY {os.uname().nodename} uptime={up}", flush=True)
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    main()
