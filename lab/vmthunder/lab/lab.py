@@ -514,19 +514,7 @@ class Lab:
     @staticmethod
     def down_slot(slot: int) -> None:
         """Tears down a lab by its names alone (works after a crash, with or without state)."""
-        sd = state_dir_of(slot)
-        marker = str(sd).encode() + b"/"
-        for pid in _pids_with(marker):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, 10)
-        if sh("ip", "netns", "pids", netns_name(slot), check=False).returncode == 0:
-            for pid in sh("ip", "netns", "pids", netns_name(slot), check=False).stdout.split():
-                with contextlib.suppress(OSError):
-                    os.kill(int(pid), signal.SIGKILL)
-            sh("ip", "netns", "del", netns_name(slot), check=False)
-        sh("ip", "link", "del", host_if_name(slot), check=False)
-        shutil.rmtree(sd, ignore_errors=True)
+        _teardown(slot, remove_state=True)
 
     @staticmethod
     def sweep_all() -> list[int]:
@@ -678,6 +666,30 @@ class Lab:
             time.sleep(0.2)
 
 
+def _teardown(slot: int, remove_state: bool) -> None:
+    sd = state_dir_of(slot)
+    for pid in _pids_with(str(sd).encode() + b"/"):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, 10)
+    ns = netns_name(slot)
+    p = sh("ip", "netns", "pids", ns, check=False)
+    if p.returncode == 0:
+        for pid in p.stdout.split():
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), signal.SIGKILL)
+        sh("ip", "netns", "del", ns, check=False)
+    sh("ip", "link", "del", host_if_name(slot), check=False)
+    if remove_state:
+        shutil.rmtree(sd, ignore_errors=True)
+    else:  # keep the dir (it is the slot's claim), drop its contents
+        for f in sd.iterdir():
+            if f.is_dir():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                f.unlink(missing_ok=True)
+
+
 def _burst_bytes(rate_mbit: int) -> int:
     # tbf needs burst >= rate/HZ; 10 ms worth of bytes, at least 32 KiB.
     return max(32 * 1024, rate_mbit * 1_000_000 // 8 // 100)
@@ -703,20 +715,17 @@ def _pids_with(marker: bytes) -> list[int]:
 
 
 def _claim_slot(slot: int | None) -> int:
-    """Reserves a slot by creating its state dir (mkdir is atomic); leftovers are swept."""
+    """Reserves a slot by creating its state dir (mkdir is atomic, so two processes never get
+    the same slot), then removes whatever a crashed lab left under the slot's names."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    candidates = [slot] if slot is not None else list(range(64))
-    for s in candidates:
+    for s in [slot] if slot is not None else list(range(64)):
         sd = state_dir_of(s)
-        busy = sd.exists() or sh("ip", "netns", "pids", netns_name(s), check=False).returncode == 0
-        if busy and slot is not None:
-            raise LabError(f"slot {s} is in use: `vmthunder lab down --slot {s}` first")
-        if busy:
-            continue
-        Lab.down_slot(s)  # stale host veth etc.
         try:
             sd.mkdir()
         except FileExistsError:
+            if slot is not None:
+                raise LabError(f"slot {s} is in use: `vmthunder lab down --slot {s}` first") from None
             continue
+        _teardown(s, remove_state=False)
         return s
     raise LabError("no free lab slot")
