@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import pytest
 import yaml
 
 import vmthunder.cli
 from vmthunder.csi.names import DRIVER_NAME
 from vmthunder.lab.controlplane import BIN, ControlPlane, free_port
+from vmthunder.lab.nodes import register_node
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "vmthunder"
@@ -271,9 +273,6 @@ def operator_from_the_chart(
     token = cp.kubectl("create", "token", spec["serviceAccountName"], "-n", NAMESPACE,
                        "--duration=1h").stdout.strip()
     kubeconfig = cp.token_kubeconfig("chart-operator", token)
-    # In a pod, kopf posts Events into the pod's namespace; out of a pod, the context's.
-    cp.kubectl("config", "set-context", "--current", f"--namespace={NAMESPACE}",
-               "--kubeconfig", str(kubeconfig))
     metrics, liveness = free_port(), free_port()
     args = [a.replace("=9090", f"={metrics}").replace("=8080", f"={liveness}")
             for a in expand(c["args"], {"POD_INDEX": "0"})]
@@ -300,12 +299,9 @@ def test_operator_under_the_charts_service_account_plans_replicas_and_exports_me
 ) -> None:
     cp = control_plane
     proc, metrics_port, log = operator_from_the_chart
-    for i in range(5):
-        name = f"chart-node-{i}"
-        cp.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"vmthunder.io/chart-test": "true"}},
-        }))
+    core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(cp.kubeconfig)))
+    for i in range(5):  # ready nodes, as their kubelets would register them
+        register_node(core, f"chart-node-{i}", {"vmthunder.io/chart-test": "true"})
     cp.kubectl("apply", "-f", "-", input=yaml.safe_dump({
         "apiVersion": "vmthunder.io/v1alpha1", "kind": "ImageCache",
         "metadata": {"name": "chart-golden"},
@@ -337,8 +333,18 @@ def test_operator_under_the_charts_service_account_plans_replicas_and_exports_me
                         re.MULTILINE)
     assert creates and float(creates.group(1)) >= 5, scraped[-2000:]
 
-    events = cp.kubectl("get", "events", "-n", NAMESPACE, "-o", "yaml").stdout
-    assert "chart-golden" in events, "the operator's Events did not reach its namespace"
+    def planned_event() -> bool:
+        events = yaml.safe_load(cp.kubectl("get", "events", "-A", "-o", "yaml").stdout)["items"]
+        return any(e["involvedObject"].get("name") == "chart-golden"
+                   and e["metadata"]["namespace"] == "default" and e["reason"] == "Planned"
+                   for e in events)
+
+    try:
+        wait_for("the Planned Event (kopf's namespace for cluster objects: default)",
+                 planned_event, timeout=30)
+    except AssertionError:
+        raise AssertionError(cp.kubectl("get", "events", "-A").stdout + log.read_text()[-3000:]
+                             ) from None
     text = log.read_text()
     assert "Forbidden" not in text and " 403" not in text, text[-4000:]
     assert proc.poll() is None, text[-4000:]
