@@ -299,7 +299,8 @@ def test_operator_under_the_charts_service_account_plans_replicas_and_exports_me
 ) -> None:
     cp = control_plane
     proc, metrics_port, log = operator_from_the_chart
-    core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(cp.kubeconfig)))
+    client = kubernetes.config.new_client_from_config(str(cp.kubeconfig))  # type: ignore[no-untyped-call]
+    core = kubernetes.client.CoreV1Api(client)
     for i in range(5):  # ready nodes, as their kubelets would register them
         register_node(core, f"chart-node-{i}", {"vmthunder.io/chart-test": "true"})
     cp.kubectl("apply", "-f", "-", input=yaml.safe_dump({
