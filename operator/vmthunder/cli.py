@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     add_agent_arguments(agent)
     agent.set_defaults(func=run_agent)
 
+    from vmthunder.lab.cli import add_arguments as add_lab_arguments
+    from vmthunder.lab.cli import run as run_lab
+
+    lab = sub.add_parser("lab", help="the qemu lab: origin + N node guests (up, down, status)")
+    add_lab_arguments(lab)
+    lab.set_defaults(func=run_lab)
+
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
