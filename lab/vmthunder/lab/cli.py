@@ -1,11 +1,11 @@
 """`vmthunder lab ...`: bring the qemu lab up and down from a shell.
 
-    vmthunder lab up 16                 origin (exporting the small golden image) + 16 nodes
-    vmthunder lab up 3 --image large    the 2 GiB golden image; --image PATH or --image none
-    vmthunder lab status                guests, addresses, the origin's iSCSI target
-    vmthunder lab exec node-00 -- lsmod run a command in a guest
-    vmthunder lab down                  slot 0; --slot S, or --all (every lab, by name prefix)
-    vmthunder lab profile show PATH     validate and summarize a boot profile
+vmthunder lab up 16                 origin (exporting the small golden image) + 16 nodes
+vmthunder lab up 3 --image large    the 2 GiB golden image; --image PATH or --image none
+vmthunder lab status                guests, addresses, the origin's iSCSI target
+vmthunder lab exec node-00 -- lsmod run a command in a guest
+vmthunder lab down                  slot 0; --slot S, or --all (every lab, by name prefix)
+vmthunder lab profile show PATH     validate and summarize a boot profile
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     up.add_argument("nodes", type=int)
     up.add_argument("--image", default="small", help="small, large, none or a raw image path")
     up.add_argument("--mem-mib", type=int, default=512)
-    up.add_argument("--rate-mbit", type=int, default=DEFAULT_RATE_MBIT,
-                    help="link rate standing for 1 Gbit/s (0: unshaped)")
+    up.add_argument(
+        "--rate-mbit",
+        type=int,
+        default=DEFAULT_RATE_MBIT,
+        help="link rate standing for 1 Gbit/s (0: unshaped)",
+    )
     up.add_argument("--cache-gib", type=float, default=4)
     up.add_argument("--slot", type=int, default=0)
     down = sub.add_parser("down", help="remove a lab's guests, network and files")
@@ -62,16 +66,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _status(lab: Lab) -> None:
-    print(f"lab slot {lab.slot}: netns {lab.netns}, host {lab.host_ip} on {lab.host_if}, "
-          f"links {lab.rate_mbit} Mbit/s (x{lab.scale_to_gbit:g} = 1 Gbit/s), "
-          f"booted in {lab.boot_seconds:.1f}s")
+    print(
+        f"lab slot {lab.slot}: netns {lab.netns}, host {lab.host_ip} on {lab.host_if}, "
+        f"links {lab.rate_mbit} Mbit/s (x{lab.scale_to_gbit:g} = 1 Gbit/s), "
+        f"booted in {lab.boot_seconds:.1f}s"
+    )
     for g in lab.guests:
         state = "running" if g.alive() else "DOWN"
         print(f"  {g.name:10} {g.ip:15} {state:8} pid {g.pid:<8} {g.mem_mib} MiB  {g.disk}")
     t = lab.origin_target
     if t:
-        print(f"  origin target {t.iqn} at {t.portal}, CHAP {t.chap_user}/{t.chap_password}, "
-              f"{t.size} bytes from {t.image}")
+        print(
+            f"  origin target {t.iqn} at {t.portal}, CHAP {t.chap_user}/{t.chap_password}, "
+            f"{t.size} bytes from {t.image}"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,8 +87,14 @@ def run(args: argparse.Namespace) -> int:
         cmd = args.lab_command
         if cmd == "up":
             t0 = time.monotonic()
-            lab = Lab.up(args.nodes, image=resolve_image(args.image), mem_mib=args.mem_mib,
-                         rate_mbit=args.rate_mbit, cache_gib=args.cache_gib, slot=args.slot)
+            lab = Lab.up(
+                args.nodes,
+                image=resolve_image(args.image),
+                mem_mib=args.mem_mib,
+                rate_mbit=args.rate_mbit,
+                cache_gib=args.cache_gib,
+                slot=args.slot,
+            )
             _status(lab)
             print(f"up in {time.monotonic() - t0:.1f}s; `vmthunder lab down --slot {lab.slot}`")
         elif cmd == "down":

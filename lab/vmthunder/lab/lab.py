@@ -131,7 +131,9 @@ class OriginTarget:
         return f"{self.ip}:{self.port}"
 
 
-def sh(*argv: str, check: bool = True, netns: str | None = None) -> subprocess.CompletedProcess[str]:
+def sh(
+    *argv: str, check: bool = True, netns: str | None = None
+) -> subprocess.CompletedProcess[str]:
     cmd = (["ip", "netns", "exec", netns] if netns else []) + list(argv)
     p = subprocess.run(cmd, capture_output=True, text=True)
     if check and p.returncode != 0:
@@ -311,10 +313,11 @@ set -e
 pidof iscsid >/dev/null || iscsid
 modprobe iscsi_tcp
 iscsiadm -m discovery -t st -p {t.portal} >/dev/null
-iscsiadm -m node -T {t.iqn} -p {t.portal} -o update -n node.session.auth.authmethod -v CHAP
-iscsiadm -m node -T {t.iqn} -p {t.portal} -o update -n node.session.auth.username -v {t.chap_user}
-iscsiadm -m node -T {t.iqn} -p {t.portal} -o update -n node.session.auth.password -v {t.chap_password}
-iscsiadm -m node -T {t.iqn} -p {t.portal} --login >/dev/null
+node="iscsiadm -m node -T {t.iqn} -p {t.portal}"
+$node -o update -n node.session.auth.authmethod -v CHAP
+$node -o update -n node.session.auth.username -v {t.chap_user}
+$node -o update -n node.session.auth.password -v {t.chap_password}
+$node --login >/dev/null
 for i in $(seq 100); do
   for h in /sys/class/iscsi_session/session*/device/target*/*/block/*; do
     [ -e "$h" ] || continue
@@ -354,10 +357,8 @@ def _port_lock(g: Guest, ports: list[int]) -> Iterator[int]:
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reap if it is our child
-        except ChildProcessError:
-            pass
         try:
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().split(") ", 1)[1].startswith("Z"):
@@ -598,8 +599,22 @@ class Lab:
         sh("ip", "link", "set", g.tap, "up", netns=ns)
         burst = _burst_bytes(self.rate_mbit)
         if self.rate_mbit:
-            sh("tc", "qdisc", "add", "dev", g.tap, "root", "tbf", "rate", f"{self.rate_mbit}mbit",
-               "burst", str(burst), "latency", "100ms", netns=ns)
+            sh(
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                g.tap,
+                "root",
+                "tbf",
+                "rate",
+                f"{self.rate_mbit}mbit",
+                "burst",
+                str(burst),
+                "latency",
+                "100ms",
+                netns=ns,
+            )
         sd = self.state_dir
         cmdline = " ".join(
             [
@@ -639,8 +654,9 @@ class Lab:
         log = open(sd / f"{g.name}.qemu.log", "wb")  # noqa: SIM115 - handed to the child
         # `ip netns exec` execs qemu, so this pid is qemu's; own session so a Ctrl-C of the
         # CLI that brought the lab up does not take the guests down.
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
         log.close()
         g.pid = proc.pid
 
@@ -657,12 +673,16 @@ class Lab:
                     del pending[name]
                 elif not g.alive():
                     qlog = Path(g.state_dir) / f"{g.name}.qemu.log"
-                    raise LabError(f"{name} died while booting: {qlog.read_text()[-2000:]}"
-                                   f"\nserial: {text[-2000:]}")
+                    raise LabError(
+                        f"{name} died while booting: {qlog.read_text()[-2000:]}"
+                        f"\nserial: {text[-2000:]}"
+                    )
             if pending and time.monotonic() > deadline:
-                g = next(iter(pending.values()))
-                raise LabError(f"{sorted(pending)} not ready after {timeout:.0f}s; "
-                               f"{g.name} serial: {g.serial_log.read_text(errors='replace')[-3000:]}")
+                late = next(iter(pending.values()))
+                raise LabError(
+                    f"{sorted(pending)} not ready after {timeout:.0f}s; "
+                    f"{late.name} serial: {late.serial_log.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.2)
 
 
@@ -675,9 +695,9 @@ def _teardown(slot: int, remove_state: bool) -> None:
     ns = netns_name(slot)
     p = sh("ip", "netns", "pids", ns, check=False)
     if p.returncode == 0:
-        for pid in p.stdout.split():
+        for npid in p.stdout.split():
             with contextlib.suppress(OSError):
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(int(npid), signal.SIGKILL)
         sh("ip", "netns", "del", ns, check=False)
     sh("ip", "link", "del", host_if_name(slot), check=False)
     if remove_state:
@@ -724,7 +744,9 @@ def _claim_slot(slot: int | None) -> int:
             sd.mkdir()
         except FileExistsError:
             if slot is not None:
-                raise LabError(f"slot {s} is in use: `vmthunder lab down --slot {s}` first") from None
+                raise LabError(
+                    f"slot {s} is in use: `vmthunder lab down --slot {s}` first"
+                ) from None
             continue
         _teardown(s, remove_state=False)
         return s

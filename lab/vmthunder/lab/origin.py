@@ -64,7 +64,7 @@ def _guest_export(device: str, iqn: str, ip: str, port: int, user: str, password
         ["modprobe", "-a", "target_core_mod", "target_core_iblock", "iscsi_target_mod"],
         check=True,
     )
-    import rtslib_fb as rts  # guest only: Debian's python3-rtslib-fb
+    import rtslib_fb as rts  # type: ignore[import-not-found, unused-ignore]  # guest only
 
     root = rts.RTSRoot()
     for t in list(root.targets):

@@ -142,8 +142,8 @@ def parse_profile(text: str, source: str = "<profile>") -> BootProfile:
         return ProfileError(f"{source}:{n + 1}: {msg}")
 
     if not lines or lines[0] != f"{MAGIC} {VERSION}":
-        first = lines[0][:40] if lines else ""
-        raise fail(0, f"not a boot profile v{VERSION} (first line {first!r})")
+        head = lines[0][:40] if lines else ""
+        raise fail(0, f"not a boot profile v{VERSION} (first line {head!r})")
     fields: dict[str, str] = {}
     for n, key in enumerate(_HEADER, start=1):
         if n >= len(lines):
@@ -223,7 +223,9 @@ def reads_from_trace(lines: Iterable[str], until_us: int | None = None) -> tuple
     return tuple(out)
 
 
-def record_boot_profile(image: Path, out: Path, timeout: float = 600, mem_mib: int = 512) -> BootProfile:
+def record_boot_profile(
+    image: Path, out: Path, timeout: float = 600, mem_mib: int = 512
+) -> BootProfile:
     """Boots image under qemu TCG (writes go to a throwaway snapshot) and records its reads."""
     work = out.parent / f".{out.name}.rec"
     work.mkdir(parents=True, exist_ok=True)
@@ -258,8 +260,8 @@ def record_boot_profile(image: Path, out: Path, timeout: float = 600, mem_mib: i
         raise ProfileError(f"{image}: no {BOOT_MARKER} within {timeout:.0f}s; serial: {tail}")
     reads = reads_from_trace(trace.read_text().splitlines(), until_us=int(booted_at * 1e6))
     h = hashlib.sha256()
-    with open(image, "rb") as f:
-        while chunk := f.read(1 << 22):
+    with open(image, "rb") as img:
+        while chunk := img.read(1 << 22):
             h.update(chunk)
     p = BootProfile(
         image_size=image.stat().st_size,

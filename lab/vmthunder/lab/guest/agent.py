@@ -14,6 +14,7 @@ Errors: {"id", "error": "..."}.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -67,10 +68,8 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         out, err = proc.communicate(stdin, timeout=req.get("timeout"))
     except subprocess.TimeoutExpired:
         timed_out = True
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
         out, err = proc.communicate()
     return {
         "rc": proc.returncode,
@@ -151,10 +150,8 @@ def serve(path: str, wake: threading.Event) -> None:
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
             if line.strip():
-                try:
+                with contextlib.suppress(OSError):
                     write_all(fd, json.dumps(handle(line)).encode() + b"\n")
-                except OSError:
-                    pass
 
 
 def main() -> None:
@@ -163,7 +160,12 @@ def main() -> None:
         print("vmt-agent: no vmt.exec ports", flush=True)
         time.sleep(5)
         sys.exit(1)
-    signal.signal(signal.SIGIO, lambda *_: [w.set() for w in wakeups])
+
+    def on_sigio(*_: object) -> None:
+        for w in wakeups:
+            w.set()
+
+    signal.signal(signal.SIGIO, on_sigio)
     for p in ports:
         ev = threading.Event()
         wakeups.append(ev)
