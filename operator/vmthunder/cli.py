@@ -25,6 +25,12 @@ def _csi(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from vmthunder.operator.status import run_status
+
+    return run_status(args.imagecache)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmthunder", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--metrics-port", type=int, default=9090)
     op.add_argument("--liveness-port", type=int, default=0, help="0: no liveness endpoint")
     op.set_defaults(func=_operator)
+
+    status = sub.add_parser("status", help="an ImageCache's tree: each node's phase and hydration")
+    status.add_argument("imagecache", help="the ImageCache's name")
+    status.set_defaults(func=_status)
 
     demo = sub.add_parser("demo", help="the local lab's main run")
     demo.add_argument("--nodes", type=int, default=24)
