@@ -7,7 +7,14 @@ import json
 import pytest
 
 from vmthunder.sim.calibration import Calibration, calibrated
-from vmthunder.sim.engine import Failure, Mode, Scenario, local_boot_s, simulate
+from vmthunder.sim.engine import (
+    Failure,
+    Mode,
+    Scenario,
+    local_boot_s,
+    predict_all_booted,
+    simulate,
+)
 from vmthunder.sim.events import EventQueue
 from vmthunder.sim.fairshare import FlowDemand, max_min_rates
 from vmthunder.sim.network import Network
@@ -233,3 +240,9 @@ def test_a_parent_failure_reparents_its_children_and_everyone_else_boots() -> No
     r = simulate(sc, ONE_READ, EXACT)
     assert r.dead >= 1 and r.reparented >= r.dead
     assert len(r.boot_s) == 40 - r.dead
+
+
+def test_the_calibration_entry_point_predicts_the_storms_all_booted_time() -> None:
+    assert predict_all_booted(1, ONE_READ, EXACT, prefetch=False) == pytest.approx(
+        1 + 2 + MiB / 1e6 + 0.5 + 0.5
+    )

@@ -607,3 +607,18 @@ class _Storm:
             self._ask(i, u)
         if self.bulk_started[i] and self.hydrated[i] is None:
             self._bulk_next(i)
+
+
+def predict_all_booted(
+    nodes: int,
+    profile: BootProfile,
+    cal: Calibration,
+    fanout: int = 4,
+    origin_fanout: int | None = None,
+    prefetch: bool = True,
+) -> float:
+    """The calibration check's entry point: the simulator's all-booted time for the lab's run
+    (its node count and fan-out, its recorded profile, its measured figures), to compare with
+    the time the lab measured."""
+    sc = Scenario("lab", nodes, fanout=fanout, origin_fanout=origin_fanout, prefetch=prefetch)
+    return simulate(sc, profile, cal).all_booted_s
