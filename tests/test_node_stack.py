@@ -116,3 +116,16 @@ def test_background_threshold_follows_the_throttle() -> None:
     assert background_threshold(0, 65536) == 64
     assert background_threshold(20 * MIB, 65536) == 16
     assert background_threshold(1, 65536) == 1
+
+
+def test_recorded_lab_profile_format_is_read_and_its_checksum_enforced() -> None:
+    import pytest
+
+    from vmthunder.lab.profile import BootProfile, ProfileError, dump_profile
+    from vmthunder.lab.profile import Read as LabRead
+
+    p = BootProfile(1 << 20, "0" * 64, "tcg", 1.0, 1.0, (LabRead(4096, 512, 10),))
+    text = dump_profile(p)
+    assert parse_profile(text) == [Read(4096, 512)]
+    with pytest.raises(ProfileError):
+        parse_profile(text.replace("4096 512", "4096 1024"))

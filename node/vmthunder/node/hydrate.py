@@ -27,8 +27,13 @@ class Read:
 
 
 def parse_profile(text: str) -> list[Read]:
-    """A boot profile: JSON, either a list of reads or {"reads": [...]}; a read is
-    {"offset", "length", ...} or [offset, length, ...]. Extra fields (gaps, times) are ignored."""
+    """A boot profile: the recorded format of vmthunder.lab.profile ("vmthunder-boot-profile 1",
+    checksummed), or JSON, a list of reads or {"reads": [...]}, a read being
+    {"offset", "length", ...} or [offset, length, ...]. Gaps are ignored: prefetch runs ahead."""
+    if text.startswith("vmthunder-boot-profile"):
+        from vmthunder.lab.profile import parse_profile as parse_recorded
+
+        return [Read(r.offset, r.length) for r in parse_recorded(text).reads]
     data: Any = json.loads(text)
     if isinstance(data, dict):
         data = data.get("reads", data.get("profile", []))

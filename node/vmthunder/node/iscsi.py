@@ -168,7 +168,11 @@ def login(t: TargetAddress, chap: Chap | None = None, *, replacement_timeout: in
     existing = find_session(t)
     if existing is None or existing.disk(t.lun) is None:
         ensure_daemon()
-        _run(f"new node {t.iqn}", [*_node(t), "-o", "new"])
+        try:
+            _run(f"new node {t.iqn}", [*_node(t), "-o", "new"])
+        except IscsiError:
+            # An existing record is fine; anything else shows up in the update below.
+            _run(f"show node {t.iqn}", [*_node(t)])
         if chap is not None:
             _update(t, "node.session.auth.authmethod", "CHAP")
             _update(t, "node.session.auth.username", chap.username)
