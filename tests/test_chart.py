@@ -349,3 +349,65 @@ def test_operator_under_the_charts_service_account_plans_replicas_and_exports_me
     text = log.read_text()
     assert "Forbidden" not in text and " 403" not in text, text[-4000:]
     assert proc.poll() is None, text[-4000:]
+
+
+def service_account_kubeconfig(cp: ControlPlane, account: str) -> Path:
+    token = cp.kubectl("create", "token", account, "-n", NAMESPACE, "--duration=1h").stdout
+    return cp.token_kubeconfig(account, token.strip())
+
+
+@pytest.mark.apiserver
+def test_csi_controller_under_the_charts_service_account_lists_and_deletes_volumes(
+    control_plane: ControlPlane, installed: list[Manifest], tmp_path: Path
+) -> None:
+    """The rendered CSI controller command line, under the controller's own account: its RBAC
+    covers ImageVolumes and the API reads of Probe; its metrics endpoint shows the calls."""
+    from vmthunder.csi.client import connect
+    from vmthunder.csi.proto import csi_pb2
+
+    cp = control_plane
+    deployment = one(installed, "Deployment", "vmthunder-controller")
+    c = container(deployment, "csi-controller")
+    kubeconfig = service_account_kubeconfig(cp, pod_spec(deployment)["serviceAccountName"])
+    socket_path, metrics = tmp_path / "csi.sock", free_port()
+    args = [f"--endpoint=unix://{socket_path}" if a.startswith("--endpoint=") else
+            f"--metrics-port={metrics}" if a.startswith("--metrics-port=") else a
+            for a in c["args"]]
+    volume_id = "c0ffee" + "0" * 26
+    cp.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "vmthunder.io/v1alpha1", "kind": "ImageVolume",
+        "metadata": {"name": volume_id, "labels": {"vmthunder.io/image-cache": "chart-golden",
+                                                   "vmthunder.io/node": "chart-node-0"}},
+        "spec": {"imageCache": "chart-golden", "node": "chart-node-0", "capacityBytes": 1 << 30,
+                 "csiName": "pvc-chart", "accessType": "Block", "parameters": {}},
+    }))
+    log = tmp_path / "csi-controller.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / c["command"][0]), *args],
+            env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1",
+                 "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+            stdout=out, stderr=subprocess.STDOUT)
+    client = None
+    try:
+        wait_for("the controller's socket", socket_path.exists, timeout=60)
+        client = connect(f"unix://{socket_path}")
+        assert client.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value
+        listed = client.controller.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=10)
+        assert volume_id in {e.volume.volume_id for e in listed.entries}
+        client.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id),
+                                       timeout=30)
+        gone = cp.kubectl("get", "imagevolume", volume_id, check=False)
+        assert gone.returncode != 0 and "NotFound" in gone.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            scraped = r.read().decode()
+        for method in ("ListVolumes", "DeleteVolume"):
+            assert (f'vmthunder_csi_call_seconds_count{{code="OK",method="{method}"}} 1.0'
+                    in scraped), scraped[-2000:]
+        text = log.read_text()
+        assert "Forbidden" not in text and "403" not in text, text[-3000:]
+    finally:
+        if client is not None:
+            client.close()
+        proc.terminate()
+        proc.wait(timeout=30)
