@@ -4,6 +4,7 @@ rendered StatefulSet's command line under the chart's own ServiceAccount."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -411,3 +412,31 @@ def test_csi_controller_under_the_charts_service_account_lists_and_deletes_volum
             client.close()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
+
+
+@pytest.mark.apiserver
+def test_service_monitors_are_valid_against_prometheus_operators_own_crd(
+        control_plane: ControlPlane, installed: list[Manifest]) -> None:
+    """The ServiceMonitor CRD as prometheus-operator publishes it, from its Go module."""
+    download = subprocess.run(["go", "mod", "download", "-json", PROMETHEUS_OPERATOR],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "GOFLAGS": "-mod=mod"})
+    assert download.returncode == 0, download.stderr
+    module = Path(json.loads(download.stdout)["Dir"])
+    crd = (module / "example" / "prometheus-operator-crd"
+           / "monitoring.coreos.com_servicemonitors.yaml")
+    cp = control_plane
+    cp.kubectl("apply", "--server-side", "-f", str(crd))
+    cp.kubectl("wait", "--for=condition=Established",
+               "crd/servicemonitors.monitoring.coreos.com", "--timeout=60s")
+    monitors = find(render("metrics.serviceMonitor.enabled=true",
+                           "metrics.serviceMonitor.labels.release=prometheus"), "ServiceMonitor")
+    assert len(monitors) == 3
+    text = yaml.safe_dump_all(monitors)
+    for flags in (["--dry-run=server"], []):
+        result = cp.kubectl("apply", "--validate=strict", *flags, "-f", "-", input=text,
+                            check=False)
+        assert result.returncode == 0, result.stderr
