@@ -7,6 +7,7 @@ import contextlib
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from vmthunder.csi.names import (
     volume_id_for,
 )
 from vmthunder.csi.proto import csi_pb2
-from vmthunder.lab.controlplane import ControlPlane
+from vmthunder.lab.controlplane import ControlPlane, free_port
 from vmthunder.lab.nodes import register_node
 
 pytestmark = pytest.mark.apiserver
@@ -53,6 +54,7 @@ class Env:
     identity: Any
     controller: Any
     driver_log: Path
+    metrics_url: str
 
     def volume(self, volume_id: str) -> dict[str, Any] | None:
         try:
@@ -125,11 +127,14 @@ def env(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -
     })
     # Highest priority: a stale peering record of another test's operator must not pause it.
     operator = control_plane.spawn_operator(work / "operator.log", priority=100)
-    driver, endpoint, log = spawn_driver(control_plane, work, "controller", "--replica-wait", "30")
+    metrics_port = free_port()
+    driver, endpoint, log = spawn_driver(control_plane, work, "controller", "--replica-wait", "30",
+                                         "--metrics-port", str(metrics_port))
     client = connect(endpoint)
     try:
         wait_ready(client, driver, log)
-        yield Env(control_plane, custom, client.identity, client.controller, log)
+        yield Env(control_plane, custom, client.identity, client.controller, log,
+                  f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         client.close()
         for proc in (driver, operator):
@@ -332,3 +337,11 @@ def test_every_call_leaves_one_structured_log_line_with_its_duration(env: Env) -
     lines = [line for line in env.driver_log.read_text().splitlines()
              if '"call": "GetPluginInfo"' in line]
     assert lines and '"code": "OK"' in lines[-1] and '"ms": ' in lines[-1]
+
+
+def test_call_latencies_are_exported_per_method_and_code(env: Env) -> None:
+    env.create("pvc-metrics")
+    with urllib.request.urlopen(env.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    assert 'vmthunder_csi_call_seconds_count{code="OK",method="CreateVolume"}' in text
+    assert 'vmthunder_csi_call_seconds_count{code="NOT_FOUND",method="CreateVolume"}' in text

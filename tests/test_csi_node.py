@@ -104,6 +104,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
         # Stand-in for the node agent: the image device on the node's cache disk, Attached.
         node.run(f"""set -e
+            modprobe loop && modprobe dm_snapshot && modprobe dm_zero
             mkfs.ext4 -q -F {node.cache_disk}
             mkdir -p {STATE} && mount {node.cache_disk} {STATE}
             mkdir -p {STATE}/images {STATE}/volumes /run/csi
@@ -162,20 +163,22 @@ print(json.dumps({{"ready": True}}))
 """
 
 
+@pytest.mark.parametrize("access_type", ["block", "mount"])
 def test_csi_sanity_passes_against_the_driver_with_its_device_mapper_backend(
-    rig: Rig, capsys: pytest.CaptureFixture[str]
+    rig: Rig, access_type: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rig.node.run(f"printf 'imageCache: {IMAGE}\\n' > /tmp/sanity-params.yaml", check=True)
     result = rig.node.run(
         f"timeout 1500 {SANITY} --csi.endpoint unix://{SOCKET} "
         "--csi.stagingdir /tmp/csi-staging --csi.mountdir /tmp/csi-mount "
-        "--csi.testvolumeparameters /tmp/sanity-params.yaml --csi.testvolumeaccesstype block "
+        "--csi.testvolumeparameters /tmp/sanity-params.yaml "
+        f"--csi.testvolumeaccesstype {access_type} "
         "--ginkgo.junit-report /tmp/sanity.xml --ginkgo.no-color",
         timeout=1600,
     )
     report = rig.node.run("cat /tmp/sanity.xml").stdout
-    (rig.workdir / "sanity.xml").write_text(report)
-    (rig.workdir / "sanity.out").write_text(result.stdout + result.stderr)
+    (rig.workdir / f"sanity-{access_type}.xml").write_text(report)
+    (rig.workdir / f"sanity-{access_type}.out").write_text(result.stdout + result.stderr)
     cases = ET.fromstring(report).iter("testcase")
     passed, failed, skipped, pending = [], [], [], []
     for case in cases:
@@ -193,7 +196,7 @@ def test_csi_sanity_passes_against_the_driver_with_its_device_mapper_backend(
         else:
             failed.append(name)
     with capsys.disabled():
-        print(f"\ncsi-sanity: {len(passed)} passed, {len(failed)} failed, "
+        print(f"\ncsi-sanity ({access_type}): {len(passed)} passed, {len(failed)} failed, "
               f"{len(skipped)} skipped (capabilities not advertised), {len(pending)} pending")
     assert not failed, f"failed: {failed}\n{result.stdout[-6000:]}\n{rig.driver_log()}"
     unexpected = [(n, m) for n, m in skipped if not UNADVERTISED_SKIP.search(m)]
@@ -207,6 +210,7 @@ from vmthunder.csi.client import connect
 from vmthunder.csi.proto import csi_pb2
 
 SOCKET, NODE, IMAGE, SIZE = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+GROW = 32 << 20
 c = connect("unix://" + SOCKET)
 block = csi_pb2.VolumeCapability(
     block=csi_pb2.VolumeCapability.BlockVolume(),
@@ -259,6 +263,18 @@ for round_ in range(2):
         os.pwrite(fd, written, 0)
         os.fsync(fd)
         os.close(fd)
+    else:  # grow the disk under the published device, as external-resizer + kubelet do
+        grown = c.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE + GROW)))
+        node = c.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+            volume_id=vid, volume_path=target, capacity_range=csi_pb2.CapacityRange(
+                required_bytes=SIZE + GROW)))
+        with open(target, "rb", buffering=0) as f:
+            info["grown_size"] = f.seek(0, 2)
+            f.seek(SIZE)
+            info["tail_is_zero"] = f.read(GROW) == bytes(GROW)
+        info["grown_sha256_of_old_size"] = sha(target)
+        info["expand_replies"] = [grown.capacity_bytes, node.capacity_bytes]
     for _ in range(2):
         c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
             volume_id=vid, target_path=target), timeout=60)
@@ -292,6 +308,10 @@ def test_a_volume_driven_like_kubelet_reads_the_image_and_keeps_its_writes(rig: 
     written = bytes(range(256)) * 4096
     expected = hashlib.sha256(written + rig.image.read_bytes()[len(written):]).hexdigest()
     assert second["first_mib_is_written"] and second["sha256"] == expected
+    # Grown online: the same bytes, then zeros up to the new size.
+    grown = IMAGE_SIZE + (32 << 20)
+    assert second["expand_replies"] == [grown, grown] and second["grown_size"] == grown
+    assert second["tail_is_zero"] and second["grown_sha256_of_old_size"] == expected
     for r in (first, second):
         assert r["target_gone"] and r["device_gone"]
     # The image itself is untouched.

@@ -73,6 +73,8 @@ class DmSnapshotBackend:
         return self.state_dir / f"{volume_id}.cow"
 
     def problem(self) -> str | None:
+        if not os.path.exists("/dev/loop-control"):
+            return "no /dev/loop-control: the loop module is not loaded"
         try:
             dm.names()
             self.state_dir.mkdir(parents=True, exist_ok=True)
