@@ -11,6 +11,7 @@ status), the operator's API writes (from its metrics endpoint) and its peak memo
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,12 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: comparable even on a loaded machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def operator_writes(port: int) -> int:
@@ -70,6 +77,8 @@ def run_size(n: int, workdir: Path) -> dict[str, float]:
             "spec": {"source": {"http": {"url": "http://images.local/golden.raw"}},
                      "fanout": 4, "nodeSelector": {}},
         }
+        api_pid = cp.processes["kube-apiserver"].pid
+        cpu0 = {"op": cpu_seconds(operator.pid), "api": cpu_seconds(api_pid)}
         t0 = time.monotonic()
         cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
         while True:
@@ -80,12 +89,15 @@ def run_size(n: int, workdir: Path) -> dict[str, float]:
                 raise RuntimeError(f"not planned; see {workdir / 'operator.log'}")
             time.sleep(0.1)
         planned_s = time.monotonic() - t0
+        op_cpu = cpu_seconds(operator.pid) - cpu0["op"]
+        api_cpu = cpu_seconds(api_pid) - cpu0["api"]
         time.sleep(2)  # let follow-up passes (watch echoes of its own writes) run
         replicas = custom.list_cluster_custom_object(GROUP, VERSION, IMAGE_REPLICAS)["items"]
         return {
             "nodes": n, "register_s": register_s, "planned_s": planned_s,
             "replicas": len(replicas), "depth": status["status"]["treeDepth"],
             "writes": operator_writes(metrics), "rss_mib": peak_rss_mib(operator.pid),
+            "operator_cpu_s": op_cpu, "apiserver_cpu_s": api_cpu, "load": os.getloadavg()[0],
         }
     finally:
         if operator is not None:
@@ -105,12 +117,14 @@ def main() -> int:
             r = rows[-1]
             print(f"  {n} nodes: planned in {r['planned_s']:.1f} s", file=sys.stderr)
     print(f"\n{'nodes':>6} {'planned s':>10} {'replicas':>9} {'depth':>6} {'writes':>7} "
-          f"{'writes/replica':>15} {'operator MiB':>13}")
+          f"{'writes/replica':>15} {'operator MiB':>13} {'operator CPU s':>15} "
+          f"{'apiserver CPU s':>16} {'load':>5}")
     ok = True
     for r in rows:
         ratio = r["writes"] / max(r["replicas"], 1)
         print(f"{r['nodes']:>6} {r['planned_s']:>10.1f} {r['replicas']:>9} {r['depth']:>6} "
-              f"{r['writes']:>7} {ratio:>15.3f} {r['rss_mib']:>13.0f}")
+              f"{r['writes']:>7} {ratio:>15.3f} {r['rss_mib']:>13.0f} {r['operator_cpu_s']:>15.1f} "
+              f"{r['apiserver_cpu_s']:>16.1f} {r['load']:>5.1f}")
         ok &= r["replicas"] == r["nodes"] and ratio <= TARGET_WRITES_RATIO
         ok &= r["rss_mib"] <= TARGET_MEMORY_MIB
         if r["nodes"] >= 5000:

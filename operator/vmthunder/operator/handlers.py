@@ -1,9 +1,10 @@
 """The kopf operator: thin handlers around the pure planning in `reconcile`.
 
-Nodes, ImageReplicas and ImageVolumes are held in kopf indexes (kept small: only the facts
-the planner needs). Each ImageCache has one daemon that re-plans its tree whenever something
-it depends on changes, at most once per DEBOUNCE, and at least once per RESYNC (to notice
-stale heartbeats).
+kopf runs one daemon per ImageCache, which re-plans that cache's tree whenever something it
+depends on changes (at most once per DEBOUNCE, at least once per RESYNC, to notice stale
+heartbeats). Nodes, ImageReplicas and ImageVolumes are watched by lean informers rather than
+kopf handlers: thousands of them report often, and only planning-relevant changes wake a
+daemon.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+import kubernetes
 
+from vmthunder.operator.informer import Informer
 from vmthunder.operator.model import (
     GROUP,
     IMAGE_CACHES,
@@ -27,6 +31,7 @@ from vmthunder.operator.model import (
     CacheSpec,
     NodeFacts,
     ReplicaFacts,
+    VolumeFacts,
 )
 from vmthunder.operator.reconcile import ReplicaPlan, plan_replicas
 from vmthunder.operator.writer import ReplicaWriter, load_kube_config
@@ -38,9 +43,12 @@ REPARENT_EVENTS_MAX = 20  # beyond this, one summary Event instead of one per no
 
 @dataclass
 class Memo:
-    """Operator-wide state: per-cache triggers and the writes the indexes have not shown yet."""
+    """Operator-wide state: the informers, per-cache triggers, writes not yet seen."""
 
     writer: ReplicaWriter
+    nodes: Informer[NodeFacts]
+    replicas: Informer[ReplicaFacts]
+    volumes: Informer[VolumeFacts]
     triggers: dict[str, asyncio.Event] = field(default_factory=dict)
     # node -> (parent, depth) this operator wrote, until the watch shows it (per cache).
     written: dict[str, dict[str, tuple[str, int]]] = field(
@@ -52,14 +60,57 @@ class Memo:
             if cache is None or name == cache:
                 event.set()
 
+    def synced(self) -> bool:
+        return all(i.synced.is_set() for i in (self.nodes, self.replicas, self.volumes))
+
+
+def _planning_key(r: ReplicaFacts) -> tuple[str, str, int, str]:
+    """What of a replica the plan depends on (not its byte counters or each heartbeat)."""
+    return (r.image_cache, r.parent, r.depth, r.phase)
+
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.peering.name = "vmthunder"
     settings.peering.mandatory = True
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
-    memo["state"] = Memo(ReplicaWriter(load_kube_config()))
+    loop = asyncio.get_running_loop()
+    api_client = load_kube_config()
+    core = kubernetes.client.CoreV1Api(api_client)
+    custom = kubernetes.client.CustomObjectsApi(api_client)
+
+    def wake(cache: str | None = None) -> None:
+        loop.call_soon_threadsafe(memo["state"].trigger, cache)
+
+    def on_node(old: NodeFacts | None, new: NodeFacts | None) -> None:
+        wake()
+
+    def on_replica(old: ReplicaFacts | None, new: ReplicaFacts | None) -> None:
+        if old is None or new is None or _planning_key(old) != _planning_key(new):
+            wake((new or old).image_cache)  # type: ignore[union-attr]
+
+    def on_volume(old: VolumeFacts | None, new: VolumeFacts | None) -> None:
+        wake((new or old).image_cache)  # type: ignore[union-attr]
+
+    def custom_list(plural: str) -> Callable[..., Any]:
+        return lambda **kw: custom.list_cluster_custom_object(GROUP, VERSION, plural, **kw)
+
+    memo["state"] = Memo(
+        writer=ReplicaWriter(api_client),
+        nodes=Informer("nodes", core.list_node, NodeFacts.from_object, on_node).start(),
+        replicas=Informer("imagereplicas", custom_list(IMAGE_REPLICAS),
+                          ReplicaFacts.from_dict, on_replica).start(),
+        volumes=Informer("imagevolumes", custom_list(IMAGE_VOLUMES),
+                         VolumeFacts.from_dict, on_volume).start(),
+    )
+
+
+@kopf.on.cleanup()
+def stop_informers(memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    for informer in (state.nodes, state.replicas, state.volumes):
+        informer.stop()
 
 
 def _state(memo: kopf.Memo) -> Memo:
@@ -67,53 +118,15 @@ def _state(memo: kopf.Memo) -> Memo:
     return state
 
 
-# --- indexes: the facts the planner needs, nothing more ------------------------------------
-
-@kopf.index("", "v1", "nodes")
-def node_facts(name: str, labels: Any, status: Any, **_: Any) -> dict[str, NodeFacts]:
-    return {name: NodeFacts.from_node(name, labels, status)}
-
-
-@kopf.index(GROUP, VERSION, IMAGE_REPLICAS)
-def replica_facts(name: str, spec: Any, status: Any, **_: Any) -> dict[str, ReplicaFacts]:
-    facts = ReplicaFacts.from_object(name, spec, status)
-    return {facts.image_cache: facts}
-
-
-@kopf.index(GROUP, VERSION, IMAGE_VOLUMES)
-def volume_nodes(spec: Any, **_: Any) -> dict[str, str]:
-    return {str(spec.get("imageCache")): str(spec.get("node"))}
-
-
-# --- triggers -------------------------------------------------------------------------------
-
-@kopf.on.event("", "v1", "nodes")
-def node_changed(memo: kopf.Memo, **_: Any) -> None:
-    _state(memo).trigger()
-
-
-@kopf.on.event(GROUP, VERSION, IMAGE_REPLICAS)
-@kopf.on.event(GROUP, VERSION, IMAGE_VOLUMES)
-def member_changed(spec: Any, memo: kopf.Memo, **_: Any) -> None:
-    _state(memo).trigger(str(spec.get("imageCache")))
-
-
-# --- the per-cache reconciler ---------------------------------------------------------------
-
 @kopf.daemon(GROUP, VERSION, IMAGE_CACHES, cancellation_timeout=10)
 async def distribute(
-    name: str,
-    body: kopf.Body,
-    memo: kopf.Memo,
-    logger: kopf.Logger,
-    node_facts: kopf.Index[str, NodeFacts],
-    replica_facts: kopf.Index[str, ReplicaFacts],
-    volume_nodes: kopf.Index[str, str],
-    **_: Any,
+    name: str, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     state = _state(memo)
     trigger = state.triggers.setdefault(name, asyncio.Event())
     trigger.set()
+    while not state.synced():  # plan only from complete lists
+        await asyncio.sleep(0.1)
     last_phase: str | None = None
     try:
         while True:
@@ -121,13 +134,13 @@ async def distribute(
                 await asyncio.wait_for(trigger.wait(), RESYNC)
             await asyncio.sleep(DEBOUNCE)  # fold a burst of changes into one pass
             trigger.clear()
-            replicas = _replicas_as_written(state, name, replica_facts.get(name, []))
+            indexed = [r for r in state.replicas.values() if r.image_cache == name]
             plan = plan_replicas(
                 name,
                 CacheSpec.from_spec(body.spec),
-                (facts for store in node_facts.values() for facts in store),
-                replicas,
-                set(volume_nodes.get(name, [])),
+                state.nodes.values(),
+                _replicas_as_written(state, name, indexed),
+                {v.node for v in state.volumes.values() if v.image_cache == name},
                 datetime.now(UTC),
             )
             try:
@@ -139,7 +152,7 @@ async def distribute(
                 await asyncio.sleep(2)
                 continue
             _remember(state, name, plan)
-            last_phase = await _report(state, name, body, plan, last_phase, logger)
+            last_phase = await _report(state, name, body, plan, last_phase)
     finally:
         state.triggers.pop(name, None)
         state.written.pop(name, None)
@@ -147,7 +160,7 @@ async def distribute(
 
 
 def _replicas_as_written(
-    state: Memo, cache: str, indexed: Any
+    state: Memo, cache: str, indexed: list[ReplicaFacts]
 ) -> list[ReplicaFacts]:
     """The index, corrected by this operator's own writes that its watch has not shown yet."""
     written, deleted = state.written[cache], state.deleted[cache]
@@ -184,7 +197,6 @@ async def _report(
     body: kopf.Body,
     plan: ReplicaPlan,
     last_phase: str | None,
-    logger: kopf.Logger,
 ) -> str:
     generation = body.metadata.get("generation")
     desired = plan.status.as_patch(generation)

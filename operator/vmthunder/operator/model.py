@@ -56,12 +56,13 @@ class NodeFacts:
     labels: Mapping[str, str] = field(default_factory=dict)
 
     @staticmethod
-    def from_node(name: str, labels: Mapping[str, str], status: Mapping[str, Any]) -> NodeFacts:
+    def from_object(obj: Mapping[str, Any]) -> NodeFacts:
+        meta, status = obj["metadata"], obj.get("status") or {}
         ready = any(
             c.get("type") == "Ready" and c.get("status") == "True"
             for c in status.get("conditions") or []
         )
-        return NodeFacts(name, ready, dict(labels))
+        return NodeFacts(meta["name"], ready, dict(meta.get("labels") or {}))
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,11 @@ class ReplicaFacts:
         return self.phase in HYDRATED_PHASES
 
     @staticmethod
-    def from_object(name: str, spec: Mapping[str, Any], status: Mapping[str, Any]) -> ReplicaFacts:
+    def from_dict(obj: Mapping[str, Any]) -> ReplicaFacts:
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
         beat = status.get("heartbeat")
         return ReplicaFacts(
-            name=name,
+            name=obj["metadata"]["name"],
             image_cache=str(spec.get("imageCache", "")),
             node=str(spec.get("node", "")),
             parent=str(spec.get("parent", "")),
@@ -96,3 +98,16 @@ class ReplicaFacts:
             hydrated_regions=int(status.get("hydratedRegions", 0)),
             total_regions=int(status.get("totalRegions", 0)),
         )
+
+
+@dataclass(frozen=True)
+class VolumeFacts:
+    name: str
+    image_cache: str
+    node: str
+
+    @staticmethod
+    def from_dict(obj: Mapping[str, Any]) -> VolumeFacts:
+        spec = obj.get("spec") or {}
+        return VolumeFacts(obj["metadata"]["name"], str(spec.get("imageCache", "")),
+                           str(spec.get("node", "")))

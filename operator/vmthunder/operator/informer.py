@@ -1,0 +1,119 @@
+"""A lean list+watch cache for high-volume resources (Nodes, ImageReplicas, ImageVolumes).
+
+kopf runs its full per-object handler machinery on every event; at thousands of nodes whose
+agents report every few seconds that machinery, not the API server, becomes the bottleneck.
+An Informer keeps only the facts the planner needs (`extract`), parses raw JSON (no client
+models), and calls `on_change` only when those facts change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+from kubernetes.client.exceptions import ApiException
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+ListCall = Callable[..., Any]  # a kubernetes client list_* method (raw with _preload_content)
+Extract = Callable[[Mapping[str, Any]], T]
+OnChange = Callable[[T | None, T | None], None]
+
+
+class Informer(Generic[T]):
+    def __init__(self, name: str, list_call: ListCall, extract: Extract[T],
+                 on_change: OnChange[T], page_size: int = 1000) -> None:
+        self.name = name
+        self.list_call = list_call
+        self.extract = extract
+        self.on_change = on_change
+        self.page_size = page_size
+        self.items: dict[str, T] = {}
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"informer-{name}", daemon=True)
+
+    def start(self) -> Informer[T]:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def values(self) -> list[T]:
+        return list(self.items.values())  # a copy: the watch thread replaces entries
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                version = self._relist()
+                self.synced.set()
+                while not self._stop.is_set():
+                    version = self._watch(version)
+            except _Expired:
+                continue  # the watch fell too far behind: list again
+            except Exception as e:
+                log.warning(f"{self.name} informer: {e}; retrying")
+                time.sleep(1)
+
+    def _relist(self) -> str:
+        fresh: dict[str, T] = {}
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": self.page_size, "_preload_content": False}
+            if token:
+                kwargs["_continue"] = token
+            page = json.loads(self.list_call(**kwargs).data)
+            for obj in page.get("items", []):
+                fresh[obj["metadata"]["name"]] = self.extract(obj)
+            token = page["metadata"].get("continue")
+            if not token:
+                break
+        old, self.items = self.items, fresh
+        for key in old.keys() | fresh.keys():
+            if old.get(key) != fresh.get(key):
+                self.on_change(old.get(key), fresh.get(key))
+        return str(page["metadata"]["resourceVersion"])
+
+    def _watch(self, version: str) -> str:
+        try:
+            response = self.list_call(
+                watch=True, resource_version=version, allow_watch_bookmarks=True,
+                timeout_seconds=240, _preload_content=False,
+            )
+        except ApiException as e:
+            if e.status == 410:
+                raise _Expired from e
+            raise
+        for line in response:
+            if self._stop.is_set():
+                break
+            event = json.loads(line)
+            obj = event["object"]
+            if event["type"] == "ERROR":
+                if obj.get("code") == 410:
+                    raise _Expired
+                raise RuntimeError(obj.get("message", "watch error"))
+            version = obj["metadata"]["resourceVersion"]
+            if event["type"] == "BOOKMARK":
+                continue
+            name = obj["metadata"]["name"]
+            old = self.items.get(name)
+            if event["type"] == "DELETED":
+                new = None
+                self.items.pop(name, None)
+            else:
+                new = self.extract(obj)
+                self.items[name] = new
+            if old != new:
+                self.on_change(old, new)
+        return version
+
+
+class _Expired(Exception):
+    """The API server no longer has the resource version the watch asked for (410 Gone)."""
