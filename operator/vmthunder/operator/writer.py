@@ -36,9 +36,11 @@ def load_kube_config() -> kubernetes.client.ApiClient:
     """In-cluster credentials in a pod, else $KUBECONFIG / ~/.kube/config."""
     configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
     configuration.connection_pool_maxsize = PARALLEL_WRITES
     return kubernetes.client.ApiClient(configuration)
 
