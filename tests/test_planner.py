@@ -229,20 +229,23 @@ def test_fresh_plan_puts_hydrated_nodes_no_deeper_than_unhydrated_ones(
         assert max(hydrated) <= min(cold)
 
 
+@st.composite
+def zoned_nodes(draw: st.DrawFn) -> list[NodeState]:
+    """A fresh cluster of up to 12 zones (and a few unlabelled nodes), up to 150 nodes."""
+    zones = [f"zone-{i}" for i in range(draw(st.integers(1, 12)))]
+    topo = st.sampled_from(zones) | st.none()
+    return [NodeState(f"n{i:03d}", topology=draw(topo)) for i in range(draw(st.integers(0, 150)))]
+
+
 @PROPERTY
-@given(fresh_nodes(), fanouts())
-def test_fresh_plan_gives_each_domain_a_subtree_of_optimal_height(
-    nodes: list[NodeState], k: tuple[int, int | None]
+@given(zoned_nodes(), st.integers(2, 6))
+def test_fresh_plan_with_domains_is_within_two_levels_of_the_optimum(
+    nodes: list[NodeState], fanout: int
 ) -> None:
-    fanout, _ = k
-    plan = plan_tree(nodes, *k)
-    members: dict[str, list[str]] = defaultdict(list)
-    for n in nodes:
-        if n.topology is not None:
-            members[n.topology].append(n.name)
-    for d, (entry,) in outside_parents(nodes, plan).items():
-        height = max(plan[m].depth for m in members[d]) - plan[entry].depth + 1
-        assert height == optimal_depth(len(members[d]), fanout, 1)
+    # Domain entries are placed before members, side by side near the top, so keeping each
+    # zone one subtree costs at most two levels over the best tree without zones.
+    depth = plan_depth(plan_tree(nodes, fanout))
+    assert depth <= optimal_depth(len(nodes), fanout) + 2
 
 
 @PROPERTY

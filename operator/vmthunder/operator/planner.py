@@ -12,8 +12,11 @@ ready node. What it guarantees (each pinned by a property test in tests/test_pla
   hydrated nodes take the shallowest places, so they are the parents;
 - topology: the nodes of one domain form one connected subtree under a single entry node
   (only the entry's parent is outside the domain); nodes of other domains and unlabelled
-  nodes may hang below it. A fresh plan gives each domain a breadth-first subtree of optimal
-  height and places domains, largest first, at the shallowest free slot;
+  nodes may hang below it. A fresh plan places every domain's entry first (largest domains
+  first) at the shallowest slot with the most room, keeping ENTRY_RESERVE slots of each
+  domain node for its own members, then fills each domain breadth-first: domains hang side
+  by side near the top, and a fresh plan of zoned nodes (fan-out >= 2) is at most two levels
+  deeper than the best tree without zones;
 - stable: a ready node whose current parent is still ready, in the plan and not over its
   fan-out keeps that parent. One exception, forced by the topology rule: when a domain has
   no free slot left for a member that must (re-)join it, one child of a domain member that
@@ -45,6 +48,9 @@ ORIGIN: Final = "@origin"  # parent value meaning the image's origin (not a vali
 # Bounds the walk up the previous tree for an orphan's nearest healthy ancestor: only
 # fan-out 1 chains get this deep, and the walk must not make a plan quadratic.
 MAX_ANCESTOR_WALK: Final = 64
+
+# Slots a domain member keeps for its own domain when other domains' entries look for room.
+ENTRY_RESERVE: Final = 1
 
 _NEVER: Final = 1 << 30  # sorts after every real depth
 
@@ -134,7 +140,7 @@ class _Planner:
         self.waiting: dict[str, list[str]] = defaultdict(list)  # orphans waiting for them
         self.heap: list[tuple[int, int, str]] = []  # attached nodes with spare fan-out
         self.dom_heap: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
-        self.queue: list[tuple[tuple[int, int, int, int, str], str]] = []  # orphans to place
+        self.queue: list[tuple[tuple[int, int, int, int, int, str], str]] = []  # to place
         self.old_depth = self._old_depths()
         sizes: dict[str, int] = defaultdict(int)
         for d in self.dom.values():
@@ -303,6 +309,7 @@ class _Planner:
         if d is not None:
             spare = sum(self.spare(n) for n in self._fragment(root) if self.dom[n] == d)
         key = (
+            0 if self._would_be_entry(root) else 1,
             self.unlabelled_rank if d is None else self.rank[d],
             self.old_depth.get(root, _NEVER),
             -spare,
@@ -322,9 +329,33 @@ class _Planner:
                 for orphan in rest:
                     self._enqueue(orphan)
                 continue
-            _, root = heapq.heappop(self.queue)
-            if root not in self.parent:
-                self._place(root, force=False)
+            key, root = heapq.heappop(self.queue)
+            if root in self.parent:
+                continue
+            if key[0] == 0 and not self._would_be_entry(root):
+                self._enqueue(root)  # its domain got an entry meanwhile: a member now
+                continue
+            self._place(root, force=False)
+
+    def _would_be_entry(self, root: str) -> bool:
+        d = self.dom[root]
+        return d is not None and d not in self.entry and not self.pending.get(d)
+
+    def _entry_parent(self, root: str) -> str:
+        """Where a domain's new entry goes: the shallowest room, most of it first, keeping
+        ENTRY_RESERVE slots of a domain node for its own members. Entries are placed before
+        members, so domains hang side by side near the top instead of below each other."""
+        ancestor = self._ancestor(root, lambda a: True)
+        if ancestor is not None:
+            return ancestor
+        best: tuple[int, int, int, str] | None = None
+        for depth, hydrated, name in self.heap:
+            if self.depth.get(name) != depth:
+                continue
+            room = self.spare(name) - (0 if self.dom[name] is None else ENTRY_RESERVE)
+            if room > 0 and (best is None or (depth, -room, hydrated, name) < best):
+                best = (depth, -room, hydrated, name)
+        return best[3] if best is not None else self._global_parent(root)
 
     def _place(self, root: str, force: bool) -> None:
         d = self.dom[root]
@@ -340,7 +371,7 @@ class _Planner:
         elif self.pending.get(d) and not force:
             self.waiting[d].append(root)  # its domain's current entry is on its way back
         else:
-            self._attach(root, self._global_parent(root))
+            self._attach(root, self._entry_parent(root))
 
     def _global_parent(self, root: str) -> str:
         parent = self._ancestor(root, lambda a: True) or self._best(self.heap)
