@@ -20,6 +20,8 @@ from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, IMAGE_
 from vmthunder.operator.planner import ORIGIN
 
 pytestmark = pytest.mark.apiserver
+# The API server is shared by the session: these tests select only the nodes they register.
+MINE = "test.vmthunder.io/operator"
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -44,7 +46,8 @@ class Cluster:
         self.custom = kubernetes.client.CustomObjectsApi(client)
 
     def add_node(self, name: str, zone: str | None = None) -> None:
-        register_node(self.core, name, {ZONE_LABEL: zone} if zone else {})
+        labels = {MINE: "yes", **({ZONE_LABEL: zone} if zone else {})}
+        register_node(self.core, name, labels)
 
     def set_ready(self, name: str, ready: bool) -> None:
         set_node_ready(self.core, name, ready)
@@ -115,7 +118,8 @@ def assert_valid_tree(parents: dict[str, str], fanout: int) -> int:
 def test_every_node_gets_a_replica_with_a_valid_parent(cluster: Cluster) -> None:
     for i in range(50):
         cluster.add_node(f"node-{i:02d}", zone=f"zone-{i % 2}")
-    assert cluster.apply(image_cache("golden", fanout=3, nodeSelector={})).returncode == 0
+    golden = image_cache("golden", fanout=3, nodeSelector={MINE: "yes"})
+    assert cluster.apply(golden).returncode == 0
 
     parents = wait_for("50 replicas",
                        lambda: (p := cluster.parents("golden")) and len(p) == 50 and p)
@@ -201,7 +205,8 @@ def test_only_the_highest_priority_operator_replica_works(cluster: Cluster, tmp_
     try:
         wait_for("the running replica pauses in favour of the new leader",
                  lambda: "Pausing operations in favour of" in cluster.operator_log.read_text())
-        assert cluster.apply(image_cache("while-paused", nodeSelector={})).returncode == 0
+        paused = image_cache("while-paused", nodeSelector={MINE: "yes"})
+        assert cluster.apply(paused).returncode == 0
         wait_for("the leader plans", lambda: len(cluster.replicas("while-paused")) > 0)
     finally:
         leader.terminate()
