@@ -57,7 +57,8 @@ def image() -> Path:
 
 @pytest.fixture(scope="module")
 def lab(image: Path) -> Iterator[Lab]:
-    with Lab.up(nodes=3, image=image) as lab:
+    # unshaped links: the sha256 of the whole LUN would take a minute at the default rate
+    with Lab.up(nodes=3, image=image, rate_mbit=0) as lab:
         yield lab
 
 

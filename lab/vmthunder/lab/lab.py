@@ -87,6 +87,9 @@ EXEC_PORTS = 4
 DEFAULT_RATE_MBIT = 100
 GBIT_MBIT = 1000
 ISCSI_PORT = 3260
+# TCG's translation cache defaults to 1 GiB per guest and fills up over time (qemu RSS > 1.5 GiB
+# for a 512 MiB guest); guests run little code, so a small cache costs nothing measurable.
+TB_MIB = 64
 
 
 class LabError(RuntimeError):
@@ -164,6 +167,7 @@ class Guest:
     mem_mib: int
     disk: str  # host path of the guest's /dev/vda (cache file, or the golden image)
     pid: int = 0
+    start_ticks: int = 0  # the qemu process's start time: tells it from a reused pid
 
     @property
     def cache_disk(self) -> str:
@@ -180,9 +184,13 @@ class Guest:
     # --- process control ---------------------------------------------------------------------
 
     def alive(self) -> bool:
-        if self.pid <= 0:
+        """The qemu process runs (not a zombie, and the same process, not a reused pid)."""
+        st = _proc_stat(self.pid) if self.pid > 0 else None
+        if st is None or st[0] == "Z":
             return False
-        try:
+        if self.start_ticks:
+            return st[1] == self.start_ticks
+        try:  # state written before start_ticks existed
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
                 return self.state_dir.encode() in f.read()
         except OSError:
@@ -354,6 +362,16 @@ def _port_lock(g: Guest, ports: list[int]) -> Iterator[int]:
             os.close(fd)  # closing releases the lock
 
 
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a process, None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[19])
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -389,6 +407,7 @@ class Lab:
     image: str | None = None
     origin_target: OriginTarget | None = None
     boot_seconds: float = 0.0
+    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     # --- naming -------------------------------------------------------------------------------
 
@@ -628,7 +647,7 @@ class Lab:
             "ip", "netns", "exec", ns,
             "qemu-system-x86_64",
             "-name", f"{ns}-{g.name}",
-            "-accel", "tcg", "-smp", "1", "-m", str(g.mem_mib),
+            "-accel", f"tcg,tb-size={TB_MIB}", "-smp", "1", "-m", str(g.mem_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(env_dir / "vmlinuz"),
             "-initrd", str(env_dir / "initrd.cpio.gz"),
@@ -659,6 +678,9 @@ class Lab:
         )
         log.close()
         g.pid = proc.pid
+        st = _proc_stat(proc.pid)
+        g.start_ticks = st[1] if st else 0
+        self._procs[g.name] = proc
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -673,8 +695,11 @@ class Lab:
                     del pending[name]
                 elif not g.alive():
                     qlog = Path(g.state_dir) / f"{g.name}.qemu.log"
+                    proc = self._procs.get(name)
+                    rc = proc.poll() if proc else None
                     raise LabError(
-                        f"{name} died while booting: {qlog.read_text()[-2000:]}"
+                        f"{name} (pid {g.pid}) died while booting, exit status {rc}: "
+                        f"{qlog.read_text()[-2000:]}"
                         f"\nserial: {text[-2000:]}"
                     )
             if pending and time.monotonic() > deadline:

@@ -47,7 +47,15 @@ def b64(data: bytes | None) -> str:
     return base64.b64encode(data or b"").decode()
 
 
+def _pump(pipe: Any, acc: list[bytes]) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        while chunk := pipe.read1(1 << 16):
+            acc.append(chunk)
+
+
 def run(req: dict[str, Any]) -> dict[str, Any]:
+    """Runs a command and answers, whatever it does: a command that leaves a daemon holding
+    its stdout, or that sits in uninterruptible I/O after its timeout, must not wedge the port."""
     cmd = req["cmd"]
     env = dict(os.environ)
     env.update(req.get("env") or {})
@@ -63,18 +71,38 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         cwd=req.get("cwd") or "/",
         start_new_session=True,
     )
+    out: list[bytes] = []
+    err: list[bytes] = []
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True),
+    ]
+    for t in pumps:
+        t.start()
+    if stdin is not None and proc.stdin is not None:
+
+        def feed() -> None:
+            with contextlib.suppress(OSError):
+                proc.stdin.write(stdin)  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+
+        threading.Thread(target=feed, daemon=True).start()
     timed_out = False
     try:
-        out, err = proc.communicate(stdin, timeout=req.get("timeout"))
+        proc.wait(timeout=req.get("timeout"))
     except subprocess.TimeoutExpired:
         timed_out = True
         with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)  # a process in D state may not die: answer anyway
+    for t in pumps:  # a daemon it started may hold the pipes open: don't wait for EOF
+        t.join(timeout=2)
+    rc = proc.returncode
     return {
-        "rc": proc.returncode,
-        "stdout": b64(out),
-        "stderr": b64(err),
+        "rc": -9 if rc is None else rc,
+        "stdout": b64(b"".join(out)),
+        "stderr": b64(b"".join(err)),
         "timed_out": timed_out,
         "seconds": round(time.monotonic() - t0, 3),
     }
