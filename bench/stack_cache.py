@@ -94,7 +94,8 @@ def run_backend(lab: Lab, backend: str, image: Path, size: int,
     result["sha_ok"] = ld.guest_sha256(b, dev, size) == ld.sha256_file(image)
     for g in (b, a):
         ld.local(g, "remove", {**base, "node": g.name})
-    o.run(f"iscsiadm -m session >/dev/null; losetup -d {loop}", timeout=30)
+    ld.local(o, "unexport", {"image": img, "iqn": origin_iqn})
+    o.run(f"losetup -d {loop}", timeout=30)
     return result
 
 

@@ -159,10 +159,12 @@ class DmCloneBackend(_Files):
             # region boundaries and stores each full-region write without a copy.
             buf = _aligned(-(-length // 4096) * 4096)
             try:
-                view = memoryview(buf)[:length]
-                n = os.preadv(fd, [view], off)
-                os.pwritev(fd, [view[:n]], off)
-                return n
+                with memoryview(buf) as mv, mv[:length] as view:
+                    n = os.preadv(fd, [view], off)
+                    if n != length:
+                        raise CacheError(f"hydrate {image}", f"short read at {off}: {n}")
+                    os.pwritev(fd, [view], off)
+                    return n
             finally:
                 buf.close()
 
@@ -247,8 +249,16 @@ class QemuCorBackend(_Files):
         nbd = _free_nbd()
         opts = (f"driver=copy-on-read,file.driver=qcow2,file.file.driver=file,"
                 f"file.file.filename={q}")
-        _check(["qemu-nbd", "--fork", "--persistent", "-c", nbd, "--image-opts", opts],
-               f"qemu-nbd {image}")
+        # --fork: the daemon must not inherit our pipes (a reader would wait for EOF forever).
+        try:
+            p = subprocess.run(["qemu-nbd", "--fork", "--persistent", "-c", nbd,
+                                "--image-opts", opts], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=60, check=False, start_new_session=True)
+        except (subprocess.TimeoutExpired, FileNotFoundError) as e:
+            raise CacheError(f"qemu-nbd {image}", str(e)) from e
+        if p.returncode != 0:
+            raise CacheError(f"qemu-nbd {image}", f"exit status {p.returncode}")
         deadline = time.monotonic() + 10
         while blockdev.size_bytes(nbd) == 0 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -265,7 +275,8 @@ class QemuCorBackend(_Files):
                 return 0
             buf = _aligned(-(-length // 4096) * 4096)
             try:
-                return os.preadv(fd, [memoryview(buf)[:length]], off)
+                with memoryview(buf) as mv, mv[:length] as view:
+                    return os.preadv(fd, [view], off)
             finally:
                 buf.close()
 

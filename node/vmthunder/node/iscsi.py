@@ -104,11 +104,15 @@ def ensure_daemon() -> None:
             continue
     try:
         subprocess.run(["modprobe", "-a", "iscsi_tcp", "sd_mod"], capture_output=True, check=False)
-        p = subprocess.run(["iscsid"], capture_output=True, text=True, timeout=30, check=False)
+        # iscsid daemonizes: its child must not inherit our pipes, or a caller reading them
+        # waits for an EOF that never comes.
+        p = subprocess.run(["iscsid"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=30, check=False,
+                           start_new_session=True)
     except (subprocess.TimeoutExpired, FileNotFoundError) as e:
         raise IscsiError("start iscsid", -1, str(e)) from e
     if p.returncode != 0:
-        raise IscsiError("start iscsid", p.returncode, p.stderr)
+        raise IscsiError("start iscsid", p.returncode, "iscsid exited with an error")
     time.sleep(0.3)
 
 

@@ -53,7 +53,7 @@ def prepare_node(g: GuestLike) -> None:
     g.run(f"mountpoint -q {CACHE_DIR} || {{ mkfs.ext4 -q -F /dev/vda && mkdir -p {CACHE_DIR} "
           f"&& mount /dev/vda {CACHE_DIR}; }}; modprobe -a dm-clone dm-multipath dm-round-robin "
           "dm-snapshot loop iscsi_tcp target_core_iblock iscsi_target_mod nbd; "
-          "pidof iscsid >/dev/null || iscsid", timeout=60, check=True)
+          "pidof iscsid >/dev/null || iscsid </dev/null >/dev/null 2>&1", timeout=60, check=True)
 
 
 def golden_image(size: int, seed: int = 6) -> Path:

@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             iqn=r["iqn"], backstore=names.backstore(r["image"]), device=r["device"],
             ip=r["ip"], chap=_chap(r.get("chap")), initiators=tuple(r.get("initiators", ()))))
         out = {"size": blockdev.size_bytes(r["device"])}
+    elif cmd == "unexport":
+        lio.remove_export(r["iqn"], names.backstore(r["image"]))
     elif cmd == "volume":
         # A copy-on-write volume over the image, as the CSI node plugin builds one (dm-snapshot).
         name = names.volume_dev(r["id"])
