@@ -153,6 +153,11 @@ def test_notready_nodes_children_are_reparented_and_healthy_subtrees_kept(cluste
     for node, parent in before.items():
         if node not in failing and parent not in failing:
             assert after[node] == parent, f"{node} moved although its parent {parent} is healthy"
+    reasons = wait_for("Planned and Reparented events", lambda: (
+        r := {e.reason for e in cluster.core.list_namespaced_event(
+            "default", field_selector="involvedObject.name=golden").items}
+    ) >= {"Planned", "Reparented"} and r)
+    assert "Reparented" in reasons
     for name in failing:
         cluster.set_ready(name, True)
 
