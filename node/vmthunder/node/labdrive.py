@@ -6,10 +6,12 @@ visible over the guest's 9p root.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import random
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,14 +39,64 @@ class GuestLike(Protocol):
     def run(self, cmd: str, timeout: float = 60, check: bool = False,
             input: str | bytes | None = None) -> Any: ...
 
+    def start_background(self, cmd: str | list[str], log: str | None = None) -> int: ...
+
 
 def local(g: GuestLike, cmd: str, req: Mapping[str, Any], timeout: float = 300) -> dict[str, Any]:
+    """Runs `python -m vmthunder.node.local cmd` in the guest and returns its answer."""
+    tag = f"vmt-local-{cmd}-{os.getpid()}-{time.monotonic_ns()}"
+    start_local(g, cmd, req, tag)
+    return wait_local(g, tag, timeout)
+
+
+def retry_run(g: GuestLike, cmd: str, timeout: float = 60, attempts: int = 3) -> Any:
+    """Runs a quick, idempotent command, again if the exec channel lost the answer."""
+    for i in range(attempts):
+        try:
+            return g.run(cmd, timeout=timeout)
+        except Exception:  # the lab's GuestError: no answer
+            if i == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def start_shell(g: GuestLike, script: str, tag: str, stdin: str = "") -> None:
+    """Runs `script` (sh) detached in the guest, `stdin` on its standard input; wait_shell()
+    collects its output. Long commands run this way so that a lost answer on the exec
+    channel costs nothing."""
+    data = base64.b64encode(stdin.encode()).decode()
+    retry_run(g, f"rm -f /tmp/{tag}.rc /tmp/{tag}.out /tmp/{tag}.err; "
+                 f"echo {data} | base64 -d > /tmp/{tag}.in")
+    g.start_background(["/bin/sh", "-c", f"( {script} ) < /tmp/{tag}.in > /tmp/{tag}.out "
+                        f"2> /tmp/{tag}.err; echo $? > /tmp/{tag}.rc"], log=f"/tmp/{tag}.log")
+
+
+def wait_shell(g: GuestLike, tag: str, timeout: float = 900) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = retry_run(g, f"cat /tmp/{tag}.rc 2>/dev/null").stdout.strip()
+        if rc.isdigit():
+            out = retry_run(g, f"cat /tmp/{tag}.out").stdout
+            if rc != "0":
+                err = retry_run(g, f"tail -c 3000 /tmp/{tag}.err").stdout
+                raise RuntimeError(f"{g.name}: {tag} failed rc={rc}: {err}")
+            return str(out)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{g.name}: {tag} still running after {timeout}s")
+        time.sleep(2)
+
+
+def local_command(cmd: str) -> str:
     env = f"PYTHONPATH={REPO}/node:{REPO}/lab:{REPO}/operator"
-    r = g.run(f"cd / && {env} {VENV_PY} -m vmthunder.node.local {cmd}", timeout=timeout,
-              input=json.dumps(dict(req)))
-    if not r.ok:
-        raise RuntimeError(f"{g.name}: local {cmd} failed rc={r.rc}: {r.stderr[-3000:]}")
-    out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    return f"cd / && {env} {VENV_PY} -m vmthunder.node.local {cmd}"
+
+
+def start_local(g: GuestLike, cmd: str, req: Mapping[str, Any], tag: str) -> None:
+    start_shell(g, local_command(cmd), tag, json.dumps(dict(req)))
+
+
+def wait_local(g: GuestLike, tag: str, timeout: float = 900) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(wait_shell(g, tag, timeout).strip().splitlines()[-1])
     return out
 
 
@@ -93,22 +145,35 @@ def synthetic_profile(size: int, seed: int = 7, fraction: float = 0.12) -> list[
 
 
 def guest_sha256(g: GuestLike, device: str, size: int, timeout: float = 600) -> str:
-    r = g.run(f"head -c {size} {device} | sha256sum", timeout=timeout, check=True)
-    return str(r.stdout.split()[0])
+    tag = f"vmt-sha-{os.getpid()}-{time.monotonic_ns()}"
+    start_shell(g, f"head -c {size} {device} | sha256sum", tag)
+    return wait_shell(g, tag, timeout).split()[0]
+
+
+REPLAY = (
+    "import json,mmap,os,sys,time\n"
+    "dev=sys.argv[1]\n"
+    "reads=json.load(sys.stdin)\n"
+    "fd=os.open(dev,os.O_RDONLY|os.O_DIRECT)\n"
+    "buf=mmap.mmap(-1,1<<20)\n"
+    "t=time.monotonic()\n"
+    "for off,n in reads:\n"
+    "    a=off//4096*4096; e=-(-(off+n)//4096)*4096\n"
+    "    with memoryview(buf) as mv, mv[:e-a] as v:\n"
+    "        os.preadv(fd,[v],a)\n"
+    "print(time.monotonic()-t)\n"
+)
+
+
+def start_replay(g: GuestLike, device: str, reads: list[tuple[int, int]], tag: str) -> None:
+    """Replays reads (O_DIRECT, in order, one at a time like a booting VM), detached."""
+    retry_run(g, f"echo {base64.b64encode(REPLAY.encode()).decode()} | base64 -d "
+                 f"> /tmp/{tag}.py")
+    start_shell(g, f"{VENV_PY} /tmp/{tag}.py {device}", tag, json.dumps(reads))
 
 
 def replay(g: GuestLike, device: str, reads: list[tuple[int, int]], timeout: float = 600) -> float:
-    """Replays reads (O_DIRECT, in order, one at a time like a booting VM); returns seconds."""
-    script = (
-        "import json,mmap,os,sys,time\n"
-        "reads=json.load(sys.stdin)\n"
-        f"fd=os.open({json.dumps(device)},os.O_RDONLY|os.O_DIRECT)\n"
-        "buf=mmap.mmap(-1,1<<20)\n"
-        "t=time.monotonic()\n"
-        "for off,n in reads:\n"
-        "    a=off//4096*4096; e=-(-(off+n)//4096)*4096\n"
-        "    os.preadv(fd,[memoryview(buf)[:e-a]],a)\n"
-        "print(time.monotonic()-t)\n"
-    )
-    r = g.run(f"{VENV_PY} -c '{script}'", timeout=timeout, input=json.dumps(reads), check=True)
-    return float(r.stdout.strip())
+    """Replays reads and returns the seconds they took."""
+    tag = f"vmt-replay-{os.getpid()}-{time.monotonic_ns()}"
+    start_replay(g, device, reads, tag)
+    return float(wait_shell(g, tag, timeout).strip())
