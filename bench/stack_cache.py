@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("node", "lab", "operator")]
+sys.path += [str(Path(__file__).resolve().parents[1] / d) for d in ("node", "lab", "operator")]
 
 from vmthunder.lab.lab import Lab  # noqa: E402
 from vmthunder.node import labdrive as ld  # noqa: E402

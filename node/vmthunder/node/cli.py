@@ -29,3 +29,13 @@ def run(args: argparse.Namespace) -> int:
                      multipath=not args.no_multipath,
                      replacement_timeout=args.replacement_timeout,
                      profile_file=args.profile_file, once=args.once)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vmthunder-agent", description="the VMThunder node agent")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
