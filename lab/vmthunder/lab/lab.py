@@ -39,7 +39,10 @@ Network
 Exec channel
     A stdlib agent in every guest serves 4 virtio-serial ports (unix sockets on the host);
     a call locks one port, so up to 4 commands run at once per guest, from any host process.
-    It does not depend on the guest's network (a test may cut it).
+    It does not depend on the guest's network (a test may cut it). Every call pings first and
+    skips a port that does not answer: qemu can leave a virtio-serial port stuck when the host
+    hangs up while the guest is writing (the port stays throttled), so the host waits
+    GRACE_S past a command's own timeout, by which time the agent has killed it and answered.
 
 API
     Lab.up(nodes, *, image=None, mem_mib=512, rate_mbit=DEFAULT_RATE_MBIT, cache_gib=4,
@@ -71,7 +74,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -90,6 +93,11 @@ ISCSI_PORT = 3260
 # TCG's translation cache defaults to 1 GiB per guest and fills up over time (qemu RSS > 1.5 GiB
 # for a 512 MiB guest); guests run little code, so a small cache costs nothing measurable.
 TB_MIB = 64
+# A ping answers in milliseconds; seconds under a loaded TCG host.
+PING_S = 15
+# The guest answers a timed-out command after killing it; the host waits this much longer, so
+# it rarely hangs up while the guest writes (that can leave the port stuck: module docstring).
+GRACE_S = 60
 
 
 class LabError(RuntimeError):
@@ -222,45 +230,55 @@ class Guest:
     # --- exec ----------------------------------------------------------------------------------
 
     def _call(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Sends req on a free exec port and waits for its answer. Each connection starts with a
+        ping, so a port that stopped answering (see the module docstring) is skipped, not used."""
         if not self.alive():
             raise GuestError(f"{self.name}: qemu process is not running")
-        req["id"] = uuid.uuid4().hex
         ports = list(range(EXEC_PORTS))
         random.shuffle(ports)
-        with _port_lock(self, ports) as i:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead: list[int] = []
+        for i in ports:
+            fd = _lock_port(self, i, blocking=False)
+            if fd is None:
+                continue  # another caller has it
             try:
-                s.settimeout(10)
-                s.connect(str(self.sock(i)))
-                s.sendall(json.dumps(req).encode() + b"\n")
-                deadline = time.monotonic() + timeout
-                buf = b""
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise GuestError(f"{self.name}: no answer within {timeout:.0f}s")
-                    s.settimeout(left)
-                    try:
-                        chunk = s.recv(1 << 20)
-                    except TimeoutError:
-                        continue
-                    if not chunk:
-                        raise GuestError(f"{self.name}: channel closed (guest died?)")
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        try:
-                            res: dict[str, Any] = json.loads(line)
-                        except ValueError:
-                            continue  # garbage from a previous client's half-written request
-                        if res.get("id") == req["id"]:
-                            if "error" in res:
-                                raise GuestError(f"{self.name}: agent: {res['error']}")
-                            return res
-            except OSError as e:
-                raise GuestError(f"{self.name}: exec channel: {e}") from e
+                res = self._try_port(i, req, timeout)
             finally:
-                s.close()
+                os.close(fd)
+            if res is not None:
+                return res
+            dead.append(i)
+        alive = [i for i in ports if i not in dead]
+        if not alive:
+            raise GuestError(f"{self.name}: no exec port answers a ping")
+        fd = _lock_port(self, alive[0], blocking=True)  # all busy: wait for one
+        assert fd is not None
+        try:
+            res = self._try_port(alive[0], req, timeout)
+        finally:
+            os.close(fd)
+        if res is None:
+            raise GuestError(f"{self.name}: exec port {alive[0]} does not answer a ping")
+        return res
+
+    def _try_port(self, i: int, req: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """The answer to req on port i, or None if the port does not answer a ping."""
+        with contextlib.closing(self._connect(i)) as s:
+            try:
+                _exchange(s, {"op": "ping", "id": uuid.uuid4().hex}, PING_S, self.name)
+            except GuestError:
+                return None
+            return _exchange(s, {**req, "id": uuid.uuid4().hex}, timeout, self.name)
+
+    def _connect(self, i: int) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(10)
+            s.connect(str(self.sock(i)))
+        except OSError as e:
+            s.close()
+            raise GuestError(f"{self.name}: exec channel {i}: {e}") from e
+        return s
 
     def run(
         self,
@@ -280,7 +298,7 @@ class Guest:
         if input is not None:
             data = input.encode() if isinstance(input, str) else input
             req["stdin"] = base64.b64encode(data).decode()
-        res = self._call(req, timeout + 15)
+        res = self._call(req, timeout + GRACE_S)
         r = RunResult(
             rc=int(res["rc"]),
             stdout=base64.b64decode(res["stdout"]).decode(errors="replace"),
@@ -342,24 +360,47 @@ echo "no block device for {t.iqn}" >&2; exit 1
         self.run(f"iscsiadm -m node -T {t.iqn} -p {t.portal} --logout", timeout=30, check=True)
 
 
-@contextlib.contextmanager
-def _port_lock(g: Guest, ports: list[int]) -> Iterator[int]:
-    fds = []
+def _lock_port(g: Guest, i: int, blocking: bool) -> int | None:
+    """flock on the port's lock file (one caller per port, across processes); the fd or None."""
+    fd = os.open(f"{g.sock(i)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        for i in ports:  # a free port if there is one, else wait for the first
-            fd = os.open(f"{g.sock(i)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-            fds.append(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _exchange(s: socket.socket, req: dict[str, Any], timeout: float, name: str) -> dict[str, Any]:
+    try:
+        s.settimeout(10)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestError(f"{name}: no answer to {req['op']} within {timeout:.0f}s")
+            s.settimeout(left)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                yield i
-                return
-            except BlockingIOError:
+                chunk = s.recv(1 << 20)
+            except TimeoutError:
                 continue
-        fcntl.flock(fds[0], fcntl.LOCK_EX)
-        yield ports[0]
-    finally:
-        for fd in fds:
-            os.close(fd)  # closing releases the lock
+            if not chunk:
+                raise GuestError(f"{name}: channel closed (guest died?)")
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                try:
+                    res: dict[str, Any] = json.loads(line)
+                except ValueError:
+                    continue  # garbage from a previous client's half-written request
+                if res.get("id") == req["id"]:
+                    if "error" in res:
+                        raise GuestError(f"{name}: agent: {res['error']}")
+                    return res
+    except OSError as e:
+        raise GuestError(f"{name}: exec channel: {e}") from e
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -635,11 +676,12 @@ class Lab:
                 netns=ns,
             )
         sd = self.state_dir
+        rate = f"{self.rate_mbit}mbit" if self.rate_mbit else "0"
         cmdline = " ".join(
             [
                 "console=ttyS0 quiet panic=-1 mitigations=off",
                 f"vmt.repo={REPO} vmt.name={g.name} vmt.ip={g.ip}/24 vmt.iqn={g.iqn}",
-                f"vmt.host={self.host_ip} vmt.rate={self.rate_mbit}mbit vmt.burst={burst}",
+                f"vmt.host={self.host_ip} vmt.rate={rate} vmt.burst={burst}",
             ]
         )
         ro = "on" if g.role == "origin" else "off"

@@ -189,11 +189,9 @@ def main() -> None:
         time.sleep(5)
         sys.exit(1)
 
-    def on_sigio(*_: object) -> None:
-        for w in wakeups:
-            w.set()
-
-    signal.signal(signal.SIGIO, on_sigio)
+    # SIGIO (a host client connected) must reach the main thread, which waits for it: a signal
+    # that lands on a port thread would leave its Python handler pending until the next one.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO})
     for p in ports:
         ev = threading.Event()
         wakeups.append(ev)
@@ -202,7 +200,9 @@ def main() -> None:
         up = f.read().split()[0]
     print(f"VMT-AGENT-READY {os.uname().nodename} uptime={up}", flush=True)
     while True:
-        signal.pause()
+        signal.sigwait({signal.SIGIO})
+        for w in wakeups:
+            w.set()
 
 
 if __name__ == "__main__":
