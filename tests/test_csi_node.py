@@ -29,6 +29,7 @@ from vmthunder.csi.names import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, IMAGE_VOLUM
 from vmthunder.lab.controlplane import ControlPlane, start_control_plane
 from vmthunder.lab.lab import Guest, Lab
 from vmthunder.lab.nodes import register_node
+from vmthunder.node import labdrive as ld
 
 pytestmark = [pytest.mark.lab, pytest.mark.apiserver]
 
@@ -52,15 +53,40 @@ class Rig:
     image_sha256: str
     workdir: Path
 
-    def guest_python(self, script: str, timeout: float = 300) -> Any:
+    # The lab's exec channel can lose an answer: anything long or not idempotent runs
+    # detached and is polled (labdrive's helpers); quick idempotent reads are retried.
+
+    def shell(self, script: str, timeout: float = 300, stdin: str = "") -> str:
+        tag = f"vmt-csi-{time.monotonic_ns()}"
+        ld.start_shell(self.node, script, tag, stdin=stdin)
+        return ld.wait_shell(self.node, tag, timeout)
+
+    def read(self, cmd: str) -> Any:
+        return ld.retry_run(self.node, cmd)
+
+    def start_driver(self) -> None:
+        """The node plugin (with controller) as the DaemonSet runs it, and waits for Probe."""
+        self.node.start_background(
+            f"echo $$ > /tmp/csi-driver.pid; cd {REPO} && exec {sys.executable} -m vmthunder.cli "
+            f"csi --mode all --endpoint unix://{SOCKET} --node-id {self.node.name} "
+            f"--state-dir {STATE}/volumes",
+            log="/tmp/csi-driver.log",
+            env={"KUBECONFIG": str(self.cp.kubeconfig), "PYTHONUNBUFFERED": "1"},
+        )
+        self.guest_python(PROBE, timeout=180)
+
+    def stop_driver(self) -> None:
+        self.shell("pid=$(cat /tmp/csi-driver.pid); kill $pid; "
+                   "while kill -0 $pid 2>/dev/null; do sleep 0.2; done", timeout=60)
+
+    def guest_python(self, script: str, timeout: float = 300, args: tuple[str, ...] = ()) -> Any:
         """Runs a Python script in the guest with the project's venv; returns its JSON output."""
-        result = self.node.run([sys.executable, "-"], input=script, timeout=timeout,
-                               env={"KUBECONFIG": str(self.cp.kubeconfig)})
-        assert result.ok, f"guest script failed: {result.stderr[-3000:]}"
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        out = self.shell(f"KUBECONFIG={self.cp.kubeconfig} {sys.executable} - {' '.join(args)}",
+                         timeout=timeout, stdin=script)
+        return json.loads(out.strip().splitlines()[-1])
 
     def driver_log(self) -> str:
-        return self.node.run("tail -c 20000 /tmp/csi-driver.log").stdout
+        return str(self.read("tail -c 20000 /tmp/csi-driver.log").stdout)
 
 
 def _wait(what: str, check: Any, timeout: float = 120) -> Any:
@@ -103,7 +129,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         _wait("the operator to plan the node's replica", lambda: _exists(custom, replica))
 
         # Stand-in for the node agent: the image device on the node's cache disk, Attached.
-        node.run(f"""set -e
+        rig = Rig(lab, node, cp, custom, image, sha, work)
+        rig.shell(f"""set -e
             modprobe loop && modprobe dm_snapshot && modprobe dm_zero
             mkfs.ext4 -q -F {node.cache_disk}
             mkdir -p {STATE} && mount {node.cache_disk} {STATE}
@@ -113,18 +140,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             dmsetup create vmt-{IMAGE} --noudevsync --readonly \\
                 --table "0 {IMAGE_SIZE // 512} linear $dev 0"
             dmsetup mknodes
-        """, timeout=120, check=True)
+        """, timeout=300)
         custom.patch_cluster_custom_object_status(
             GROUP, VERSION, IMAGE_REPLICAS, replica, {"status": {"phase": "Attached"}})
 
-        node.start_background(
-            f"cd {REPO} && exec {sys.executable} -m vmthunder.cli csi --mode all "
-            f"--endpoint unix://{SOCKET} --node-id {node.name} --state-dir {STATE}/volumes",
-            log="/tmp/csi-driver.log",
-            env={"KUBECONFIG": str(cp.kubeconfig), "PYTHONUNBUFFERED": "1"},
-        )
-        rig = Rig(lab, node, cp, custom, image, sha, work)
-        rig.guest_python(PROBE, timeout=180)
+        rig.start_driver()
         yield rig
     finally:
         if operator is not None:
@@ -167,18 +187,18 @@ print(json.dumps({{"ready": True}}))
 def test_csi_sanity_passes_against_the_driver_with_its_device_mapper_backend(
     rig: Rig, access_type: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rig.node.run(f"printf 'imageCache: {IMAGE}\\n' > /tmp/sanity-params.yaml", check=True)
-    result = rig.node.run(
+    # csi-sanity's exit code is in its report; the shell always succeeds so its output is kept.
+    output = rig.shell(
+        f"printf 'imageCache: {IMAGE}\\n' > /tmp/sanity-params.yaml; "
         f"timeout 1500 {SANITY} --csi.endpoint unix://{SOCKET} "
         "--csi.stagingdir /tmp/csi-staging --csi.mountdir /tmp/csi-mount "
         "--csi.testvolumeparameters /tmp/sanity-params.yaml "
         f"--csi.testvolumeaccesstype {access_type} "
-        "--ginkgo.junit-report /tmp/sanity.xml --ginkgo.no-color",
-        timeout=1600,
-    )
-    report = rig.node.run("cat /tmp/sanity.xml").stdout
+        f"--ginkgo.junit-report /tmp/sanity-{access_type}.xml --ginkgo.no-color 2>&1; "
+        "echo sanity-rc=$?", timeout=1600)
+    report = str(rig.read(f"cat /tmp/sanity-{access_type}.xml").stdout)
     (rig.workdir / f"sanity-{access_type}.xml").write_text(report)
-    (rig.workdir / f"sanity-{access_type}.out").write_text(result.stdout + result.stderr)
+    (rig.workdir / f"sanity-{access_type}.out").write_text(output)
     cases = ET.fromstring(report).iter("testcase")
     passed, failed, skipped, pending = [], [], [], []
     for case in cases:
@@ -198,10 +218,10 @@ def test_csi_sanity_passes_against_the_driver_with_its_device_mapper_backend(
     with capsys.disabled():
         print(f"\ncsi-sanity ({access_type}): {len(passed)} passed, {len(failed)} failed, "
               f"{len(skipped)} skipped (capabilities not advertised), {len(pending)} pending")
-    assert not failed, f"failed: {failed}\n{result.stdout[-6000:]}\n{rig.driver_log()}"
+    assert not failed, f"failed: {failed}\n{output[-6000:]}\n{rig.driver_log()}"
     unexpected = [(n, m) for n, m in skipped if not UNADVERTISED_SKIP.search(m)]
     assert not unexpected, f"skipped for other reasons than capabilities: {unexpected}"
-    assert result.rc == 0 and len(passed) >= 40
+    assert "sanity-rc=0" in output and len(passed) >= 40
 
 
 KUBELET = """
@@ -293,11 +313,8 @@ print(json.dumps({"volume_id": vid, "capacity": vol.capacity_bytes,
 
 
 def test_a_volume_driven_like_kubelet_reads_the_image_and_keeps_its_writes(rig: Rig) -> None:
-    result = rig.node.run(
-        [sys.executable, "-c", KUBELET, SOCKET, rig.node.name, IMAGE, str(IMAGE_SIZE)],
-        env={"KUBECONFIG": str(rig.cp.kubeconfig)}, timeout=600)
-    assert result.ok, f"{result.stderr[-3000:]}\n{rig.driver_log()}"
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = rig.guest_python(KUBELET, timeout=600,
+                           args=(SOCKET, rig.node.name, IMAGE, str(IMAGE_SIZE)))
     assert out["capacity"] == IMAGE_SIZE
     assert out["topology"] == {"topology.vmthunder.io/node": rig.node.name}
     first, second = out["rounds"]
@@ -319,7 +336,7 @@ def test_a_volume_driven_like_kubelet_reads_the_image_and_keeps_its_writes(rig: 
     # DeleteVolume: the node frees the COW data, then the record goes.
     vid = out["volume_id"]
     _wait("the ImageVolume to go", lambda: _volume_gone(rig.custom, vid), timeout=60)
-    assert rig.node.run(f"test -e {STATE}/volumes/{vid}.cow").rc != 0
+    assert rig.read(f"test -e {STATE}/volumes/{vid}.cow").rc != 0
 
 
 def _volume_gone(custom: kubernetes.client.CustomObjectsApi, vid: str) -> bool:
@@ -330,3 +347,72 @@ def _volume_gone(custom: kubernetes.client.CustomObjectsApi, vid: str) -> bool:
             return True
         raise
     return False
+
+
+RESTART_BEFORE = """
+import json, os
+from vmthunder.csi.client import connect
+from vmthunder.csi.proto import csi_pb2
+SOCKET = "%(socket)s"
+c = connect("unix://" + SOCKET)
+block = csi_pb2.VolumeCapability(
+    block=csi_pb2.VolumeCapability.BlockVolume(),
+    access_mode=csi_pb2.VolumeCapability.AccessMode(
+        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+vol = c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+    name="pvc-restart", parameters={"imageCache": "%(image)s"}, volume_capabilities=[block]),
+    timeout=120).volume
+os.makedirs("/tmp/restart/staging", exist_ok=True)
+c.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+    volume_id=vol.volume_id, staging_target_path="/tmp/restart/staging",
+    volume_capability=block), timeout=120)
+c.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+    volume_id=vol.volume_id, staging_target_path="/tmp/restart/staging",
+    target_path="/tmp/restart/target", volume_capability=block), timeout=60)
+fd = os.open("/tmp/restart/target", os.O_WRONLY)
+os.pwrite(fd, b"written before the restart", 4096)
+os.fsync(fd)
+os.close(fd)
+print(json.dumps({"volume_id": vol.volume_id}))
+"""
+
+RESTART_AFTER = """
+import json, os
+from vmthunder.csi.client import connect
+from vmthunder.csi.proto import csi_pb2
+c = connect("unix://%(socket)s")
+vid = "%(vid)s"
+block = csi_pb2.VolumeCapability(
+    block=csi_pb2.VolumeCapability.BlockVolume(),
+    access_mode=csi_pb2.VolumeCapability.AccessMode(
+        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+# kubelet re-issues stage and publish after a plugin restart: both must find the kernel state.
+c.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+    volume_id=vid, staging_target_path="/tmp/restart/staging", volume_capability=block),
+    timeout=120)
+c.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+    volume_id=vid, staging_target_path="/tmp/restart/staging",
+    target_path="/tmp/restart/target", volume_capability=block), timeout=60)
+with open("/tmp/restart/target", "rb", buffering=0) as f:
+    f.seek(4096)
+    kept = f.read(26) == b"written before the restart"
+c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+    volume_id=vid, target_path="/tmp/restart/target"), timeout=60)
+c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+    volume_id=vid, staging_target_path="/tmp/restart/staging"), timeout=60)
+c.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=60)
+print(json.dumps({"kept": kept, "device_gone": not os.path.exists("/dev/mapper/vmt-vol-" + vid),
+                  "target_gone": not os.path.exists("/tmp/restart/target")}))
+"""
+
+
+def test_a_restarted_node_plugin_finds_its_volumes_in_the_kernel(rig: Rig) -> None:
+    before = rig.guest_python(RESTART_BEFORE % {"socket": SOCKET, "image": IMAGE})
+    vid = before["volume_id"]
+    rig.stop_driver()
+    # What the new process knows comes from device-mapper and the API server, nothing else.
+    assert rig.read(f"dmsetup info vmt-vol-{vid}").ok
+    rig.start_driver()
+    after = rig.guest_python(RESTART_AFTER % {"socket": SOCKET, "vid": vid})
+    assert after == {"kept": True, "device_gone": True, "target_gone": True}
+    _wait("the ImageVolume to go", lambda: _volume_gone(rig.custom, vid), timeout=60)
