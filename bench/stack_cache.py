@@ -22,10 +22,10 @@ from typing import Any
 
 sys.path += [str(Path(__file__).resolve().parents[1] / d) for d in ("node", "lab", "operator")]
 
-from vmthunder.lab.lab import Lab  # noqa: E402
-from vmthunder.node import labdrive as ld  # noqa: E402
-from vmthunder.node import names  # noqa: E402
-from vmthunder.node.hydrate import Read, plan_prefetch  # noqa: E402
+from vmthunder.lab.lab import Lab
+from vmthunder.node import labdrive as ld
+from vmthunder.node import names
+from vmthunder.node.hydrate import Read, plan_prefetch
 
 REGION = 65536
 CHAP = {"username": "vmthunder", "password": "benchsecret123"}
@@ -70,12 +70,12 @@ def run_backend(lab: Lab, backend: str, image: Path, size: int,
     everything = list(range(-(-size // REGION)))
     if backend == "dm-clone":
         for g in (a, b):
-            ld.local(g, "background", {**base, "threshold": 64})
+            ld.local(g, "background", {**base, "threshold": 8})
         while True:
             sa, sb = ld.local(a, "status", base), ld.local(b, "status", base)
             if sa["complete"] and sb["complete"]:
                 break
-            time.sleep(2)
+            time.sleep(5)
     else:
         ld.local(a, "hydrate", {**base, "regions": everything, "queue_depth": 8})
         ld.local(b, "hydrate", {**base, "regions": everything, "queue_depth": 8})

@@ -195,7 +195,7 @@ def test_a_restarted_driver_converges_with_no_duplicate_devices_or_sessions(tree
 
 def test_full_hydration_detaches_every_node_and_each_still_serves(tree: Tree) -> None:
     for role in "ABCDE":
-        ld.local(tree.g(role), "background", {**tree.base(), "threshold": 64})
+        ld.local(tree.g(role), "background", {**tree.base(), "threshold": 8})
     deadline = time.monotonic() + 900
     pending = set("ABCDE")
     while pending:

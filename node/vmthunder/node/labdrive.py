@@ -49,7 +49,7 @@ def local(g: GuestLike, cmd: str, req: Mapping[str, Any], timeout: float = 300) 
     return wait_local(g, tag, timeout)
 
 
-def retry_run(g: GuestLike, cmd: str, timeout: float = 60, attempts: int = 3) -> Any:
+def retry_run(g: GuestLike, cmd: str, timeout: float = 90, attempts: int = 4) -> Any:
     """Runs a quick, idempotent command, again if the exec channel lost the answer."""
     for i in range(attempts):
         try:
@@ -83,7 +83,7 @@ def wait_shell(g: GuestLike, tag: str, timeout: float = 900) -> str:
             return str(out)
         if time.monotonic() > deadline:
             raise RuntimeError(f"{g.name}: {tag} still running after {timeout}s")
-        time.sleep(2)
+        time.sleep(4)
 
 
 def local_command(cmd: str) -> str:
