@@ -98,6 +98,8 @@ PING_S = 15
 # The guest answers a timed-out command after killing it; the host waits this much longer, so
 # it rarely hangs up while the guest writes (that can leave the port stuck: module docstring).
 GRACE_S = 60
+# qboot, a minimal firmware shipped with qemu, boots -kernel faster than SeaBIOS under TCG.
+QBOOT = "/usr/share/qemu/qboot.rom"
 
 
 class LabError(RuntimeError):
@@ -682,6 +684,7 @@ class Lab:
                 "console=ttyS0 quiet panic=-1 mitigations=off",
                 f"vmt.repo={REPO} vmt.name={g.name} vmt.ip={g.ip}/24 vmt.iqn={g.iqn}",
                 f"vmt.host={self.host_ip} vmt.rate={rate} vmt.burst={burst}",
+                os.environ.get("VMT_LAB_KERNEL_ARGS", ""),  # e.g. loglevel=7 to debug a boot
             ]
         )
         ro = "on" if g.role == "origin" else "off"
@@ -691,6 +694,7 @@ class Lab:
             "-name", f"{ns}-{g.name}",
             "-accel", f"tcg,tb-size={TB_MIB}", "-smp", "1", "-m", str(g.mem_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            *(["-bios", QBOOT] if os.path.exists(QBOOT) else []),
             "-kernel", str(env_dir / "vmlinuz"),
             "-initrd", str(env_dir / "initrd.cpio.gz"),
             "-append", cmdline,

@@ -23,7 +23,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+
+TYPE_CHECKING = False  # not from typing: importing it costs startup time under TCG
+
+if TYPE_CHECKING:
+    from typing import Any
 
 PORT_PREFIX = "vmt.exec."
 wakeups: list[threading.Event] = []
