@@ -25,18 +25,6 @@ from vmthunder.csi.names import (
 )
 
 
-def load_api_client() -> kubernetes.client.ApiClient:
-    """In-cluster credentials in a pod, else $KUBECONFIG / ~/.kube/config."""
-    configuration = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration)
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration)
-    return kubernetes.client.ApiClient(configuration)
-
-
 @dataclass(frozen=True)
 class Volume:
     """An ImageVolume: one CSI volume, a copy-on-write disk of an image on one node."""

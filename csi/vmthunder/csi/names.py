@@ -6,18 +6,31 @@ import hashlib
 import re
 from typing import Final
 
+# The API's names are the operator's; the kernel's device names are the node agent's.
+from vmthunder.node.names import cache_dev as image_device_name
+from vmthunder.node.names import volume_dev as volume_device_name
+from vmthunder.operator.model import (
+    API_VERSION,
+    GROUP,
+    IMAGE_CACHES,
+    IMAGE_REPLICAS,
+    IMAGE_VOLUMES,
+    LABEL_IMAGE_CACHE,
+    LABEL_NODE,
+    VERSION,
+    replica_name,
+)
+
+__all__ = [
+    "API_VERSION", "GROUP", "IMAGE_CACHES", "IMAGE_REPLICAS", "IMAGE_VOLUMES",
+    "LABEL_IMAGE_CACHE", "LABEL_NODE", "VERSION", "image_device_name", "replica_name",
+    "volume_device_name",
+]
+
 DRIVER_NAME: Final = "csi.vmthunder.io"
 DRIVER_VERSION: Final = "0.1.0"
 TOPOLOGY_KEY: Final = "topology.vmthunder.io/node"
 
-GROUP: Final = "vmthunder.io"
-VERSION: Final = "v1alpha1"
-API_VERSION: Final = f"{GROUP}/{VERSION}"
-IMAGE_CACHES: Final = "imagecaches"
-IMAGE_REPLICAS: Final = "imagereplicas"
-IMAGE_VOLUMES: Final = "imagevolumes"
-LABEL_IMAGE_CACHE: Final = "vmthunder.io/image-cache"
-LABEL_NODE: Final = "vmthunder.io/node"
 # Held by the node plugin while the volume's copy-on-write data exists on its node.
 FINALIZER_COW_DATA: Final = "vmthunder.io/cow-data"
 
@@ -39,16 +52,3 @@ def volume_id_for(request_name: str) -> str:
 
 def is_volume_id(value: str) -> bool:
     return _VOLUME_ID.match(value) is not None
-
-
-def replica_name(image_cache: str, node: str) -> str:
-    return f"{image_cache}.{node}"
-
-
-def image_device_name(image_cache: str) -> str:
-    """The node agent's device for an image (dm-clone over the parent's export)."""
-    return f"vmt-{image_cache}"
-
-
-def volume_device_name(volume_id: str) -> str:
-    return f"vmt-vol-{volume_id}"

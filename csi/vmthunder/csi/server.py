@@ -24,9 +24,10 @@ from vmthunder.csi.controller import ControllerService
 from vmthunder.csi.cow import DmSnapshotBackend
 from vmthunder.csi.errors import CsiError
 from vmthunder.csi.identity import IdentityService
-from vmthunder.csi.kube import KubeState, load_api_client
+from vmthunder.csi.kube import KubeState
 from vmthunder.csi.node import NodeService, Reclaimer, VolumeLocks
 from vmthunder.csi.proto import csi_pb2_grpc
+from vmthunder.kube import load_api_client
 
 CALL_SECONDS = Histogram(
     "vmthunder_csi_call_seconds", "CSI call latency by method and status code",

@@ -15,6 +15,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter
 
+from vmthunder.kube import load_api_client
 from vmthunder.operator.model import (
     API_VERSION,
     GROUP,
@@ -33,16 +34,8 @@ PARALLEL_WRITES = 16
 
 
 def load_kube_config() -> kubernetes.client.ApiClient:
-    """In-cluster credentials in a pod, else $KUBECONFIG / ~/.kube/config."""
-    configuration = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration)
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration)
-    configuration.connection_pool_maxsize = PARALLEL_WRITES
-    return kubernetes.client.ApiClient(configuration)
+    """An API client with room for the operator's parallel writes."""
+    return load_api_client(pool_size=PARALLEL_WRITES)
 
 
 class ReplicaWriter:
