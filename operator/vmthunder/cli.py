@@ -16,7 +16,7 @@ def _operator(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from vmthunder.lab.demo import run_demo
 
-    return run_demo(nodes=args.nodes, zones=args.zones, fanout=args.fanout)
+    return run_demo(args)
 
 
 def _csi(args: argparse.Namespace) -> int:
@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("imagecache", help="the ImageCache's name")
     status.set_defaults(func=_status)
 
-    demo = sub.add_parser("demo", help="the local lab's main run")
-    demo.add_argument("--nodes", type=int, default=24)
-    demo.add_argument("--zones", type=int, default=3)
-    demo.add_argument("--fanout", type=int, default=3)
+    from vmthunder.lab.demo import add_arguments as add_demo_arguments
+
+    demo = sub.add_parser("demo", help="the main job: N VMs from one image in the qemu lab")
+    add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
     from vmthunder.csi.cli import add_arguments as add_csi_arguments

@@ -1,0 +1,247 @@
+"""Benchmark: N VMs from one golden image, VMThunder against the baselines, in one lab.
+
+    python bench/provision.py [--nodes 4 8 16] [--modes ...] [--gap-scale 0.1]
+                              [--copy-max-n 8] [--out results/bench-provision.json]
+
+For each N: one lab (origin + N nodes, links shaped to --rate-mbit standing for 1 Gbit/s),
+one control plane, and in it, one after the other (the same guests, the same shaping):
+
+  vmthunder           tree + cache, on demand (ImageCache prefetch disabled)
+  vmthunder+prefetch  the same with the boot profile prefetched
+  storage-server      every VM boots straight from the origin's iSCSI export (no cache/tree)
+  copy-first          every node copies the whole image from the origin, then boots from
+                      its local copy (what CDI import/clone does); skipped above --copy-max-n
+                      (its time is N x image / origin link, whatever the rest does)
+  local               every VM boots from the image already on its node's disk: the floor
+
+A boot is the recorded boot replayed (vmthunder.lab.replay, gaps x --gap-scale). Times are
+seconds from the moment the mode starts for all N nodes at once (VMThunder: the ImageCache is
+applied, then CreateVolume, NodeStage, NodePublish and the boot per node). Prints one table:
+mode, N, all-booted, mean, p95, origin bytes, max node egress, ratio to the local floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d)
+                for d in ("lab", "operator", "csi", "node")]
+
+from vmthunder.lab.lab import DEFAULT_RATE_MBIT, Guest  # noqa: E402
+from vmthunder.lab.provision import (  # noqa: E402
+    CACHE_DIR,
+    NodeRun,
+    Options,
+    Rig,
+    Run,
+    _env,
+    _par,
+    _py,
+    _quick,
+    boot_output,
+    percentile,
+    tx_bytes,
+)
+from vmthunder.lab.replay import DEFAULT_GAP_SCALE, expected_digest  # noqa: E402
+
+MODES = ("vmthunder", "vmthunder+prefetch", "storage-server", "copy-first", "local")
+COPY = f"{CACHE_DIR}/copy.img"
+LOCAL = f"{CACHE_DIR}/local.img"
+
+
+def login_script(rig: Rig) -> str:
+    """Shell that logs in to the origin's LUN with CHAP and sets $dev (no agent involved)."""
+    t = rig.lab.origin_target
+    assert t is not None
+    node = f"iscsiadm -m node -T {t.iqn} -p {t.portal}"
+    return (f"pidof iscsid >/dev/null || iscsid; modprobe iscsi_tcp; "
+            f"iscsiadm -m discovery -t st -p {t.portal} >/dev/null && "
+            f"{node} -o update -n node.session.auth.authmethod -v CHAP && "
+            f"{node} -o update -n node.session.auth.username -v {t.chap_user} && "
+            f"{node} -o update -n node.session.auth.password -v {t.chap_password} && "
+            f"{node} --login >/dev/null && dev=''; for i in $(seq 200); do "
+            f"for h in /sys/class/iscsi_session/session*/device/target*/*/block/*; do "
+            f"[ -e \"$h\" ] && [ \"$(cat ${{h%%/device/*}}/targetname)\" = {t.iqn} ] && "
+            f"dev=/dev/$(basename $h); done; [ -n \"$dev\" ] && break; sleep 0.1; done; "
+            f"[ -n \"$dev\" ]")
+
+
+def logout_script(rig: Rig) -> str:
+    t = rig.lab.origin_target
+    assert t is not None
+    return f"iscsiadm -m node -T {t.iqn} -p {t.portal} --logout >/dev/null 2>&1 || true"
+
+
+def replay_cmd(rig: Rig, device: str) -> str:
+    return (f"{_env()} {_py()} -m vmthunder.lab.replay device --device {device} "
+            f"--profile {rig.profile_path} --scale {rig.options.gap_scale}")
+
+
+def baseline(rig: Rig, mode: str) -> Run:
+    """One baseline mode on every node at once."""
+    nodes = rig.lab.nodes
+    if mode == "local":  # untimed: the image's boot ranges on each node's own disk
+        _par(lambda g: make_local_image(rig, g), nodes)
+    expected = expected_digest(rig.disk, rig.profile)
+    origin0 = rig.origin_bytes()
+    tx0 = {g.name: tx_bytes(g) for g in nodes}
+
+    def script(g: Guest) -> str:
+        if mode == "storage-server":
+            return f"{login_script(rig)} && {replay_cmd(rig, '$dev')}; rc=$?; " \
+                   f"{logout_script(rig)}; exit $rc"
+        if mode == "copy-first":
+            return (f"rm -f {COPY}; {login_script(rig)} && "
+                    f"dd if=$dev of={COPY} bs=1M iflag=direct 2>/dev/null && "
+                    f"{logout_script(rig)} && loop=$(losetup --direct-io=on -r -f --show "
+                    f"{COPY}) && {replay_cmd(rig, '$loop')}; rc=$?; losetup -D; exit $rc")
+        return (f"sync; echo 3 > /proc/sys/vm/drop_caches; loop=$(losetup --direct-io=on -r "
+                f"-f --show {LOCAL}) && {replay_cmd(rig, '$loop')}; rc=$?; losetup -D; "
+                "exit $rc")
+
+    runs = {g.name: NodeRun(g.name) for g in nodes}
+    t0 = time.time()
+
+    def one(g: Guest) -> None:
+        nr = runs[g.name]
+        try:
+            out = boot_output(g, script(g), f"vmt-bench-{mode}", rig.options.boot_timeout)
+            for key in ("first_byte", "booted"):
+                stamp = rig.host_time(g, out.get(f"t_{key}"))
+                setattr(nr, key, None if stamp is None else stamp - t0)
+            nr.published = 0.0
+            nr.reads, nr.read_error = int(out["reads"]), out["error"]
+            nr.sha_ok = out["sha256"] == expected and out["error"] is None
+        except Exception as e:
+            nr.read_error = f"{type(e).__name__}: {e}"[:300]
+
+    _par(one, nodes)
+    run = Run(mode, mode, len(nodes), {}, {}, nodes=list(runs.values()))
+    run.origin_bytes = rig.origin_bytes() - origin0
+    for g in nodes:
+        runs[g.name].egress = tx_bytes(g) - tx0[g.name]
+    if mode == "copy-first":
+        _par(lambda g: _quick(g, f"rm -f {COPY}"), nodes)
+    return run
+
+
+def make_local_image(rig: Rig, g: Guest) -> None:
+    """A sparse file on the node's disk holding the image's bytes at every range the boot
+    reads (the replay reads nothing else), copied from the host's file over 9p."""
+    script = (
+        "import sys\nfrom vmthunder.lab.profile import load_profile, merge_extents\n"
+        f"p = load_profile({str(rig.profile_path)!r})\n"
+        f"src = open({str(rig.disk)!r}, 'rb')\n"
+        f"dst = open({LOCAL!r}, 'wb')\n"
+        "dst.truncate(p.image_size)\n"
+        "for a, b in merge_extents(p.reads):\n"
+        "    a, b = a // 4096 * 4096, -(-b // 4096) * 4096\n"
+        "    src.seek(a); dst.seek(a); dst.write(src.read(b - a))\n"
+        "dst.close()\n")
+    _quick(g, f"cat > /tmp/mklocal.py <<'EOF'\n{script}EOF\n"
+              f"{_env()} {_py()} /tmp/mklocal.py && sync", timeout=300)
+
+
+def row(run: Run, floor: float | None) -> dict[str, Any]:
+    booted = [n.booted for n in run.nodes if n.booted is not None]
+    ok = len(booted) == run.n and all(n.sha_ok for n in run.nodes)
+    out: dict[str, Any] = {"mode": run.mode, "n": run.n, "ok": ok,
+                           "origin_bytes": run.origin_bytes,
+                           "max_node_egress": max((n.egress for n in run.nodes), default=0),
+                           "errors": [n.read_error for n in run.nodes if n.read_error][:3]}
+    if booted:
+        out.update(all_booted=max(booted), mean=statistics.fmean(booted),
+                   p95=percentile(booted, 95))
+        if floor:
+            out["ratio"] = max(booted) / floor
+    return out
+
+
+def print_table(rows: list[dict[str, Any]], image_size: int) -> None:
+    print(f"\n{'mode':20} {'N':>3} {'all-booted':>10} {'mean':>7} {'p95':>7} "
+          f"{'origin MB':>9} {'(images)':>8} {'max egress MB':>13} {'x floor':>7}  ok")
+    for r in rows:
+        def f(k: str, r: dict[str, Any] = r) -> str:
+            return f"{r[k]:.1f}" if k in r else "-"
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+        print(f"{r['mode']:20} {r['n']:>3} {f('all_booted'):>10} {f('mean'):>7} "
+              f"{f('p95'):>7} {r['origin_bytes'] / 1e6:9.1f} "
+              f"{r['origin_bytes'] / image_size:8.2f} {r['max_node_egress'] / 1e6:13.1f} "
+              f"{ratio:>7}  "
+              f"{'yes' if r['ok'] else 'NO ' + '; '.join(map(str, r['errors']))[:80]}",
+              flush=True)
+
+
+def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    opts = Options(nodes=n, gap_scale=a.gap_scale, rate_mbit=a.rate_mbit, live=False,
+                   fanout=a.fanout, origin_fanout=a.origin_fanout)
+    t0 = time.monotonic()
+    rig = Rig.start(opts)
+    print(f"N={n}: lab + services up in {time.monotonic() - t0:.0f} s", flush=True)
+    try:
+        runs: dict[str, Run] = {}
+        order = [m for m in ("local", *MODES[:-1]) if m in a.modes]
+        for mode in order:
+            t1 = time.monotonic()
+            if mode == "copy-first" and n > a.copy_max_n:
+                print(f"  copy-first skipped at N={n} (> --copy-max-n {a.copy_max_n}): at least "
+                      f"{n * rig.profile.image_size * 8 / (a.rate_mbit * 1e6):.0f} s through "
+                      "the origin's link", flush=True)
+                continue
+            if mode.startswith("vmthunder"):
+                name = "ondemand" if mode == "vmthunder" else "prefetch"
+                run = rig.provision(name, prefetch=mode != "vmthunder", wait_hydrated=False,
+                                    mode=mode)
+                run.origin_bytes = run.origin_bytes_at_all_booted
+                rig.delete_volumes_and_cache(name)
+            else:
+                run = baseline(rig, mode)
+            runs[mode] = run
+            floor = runs["local"].summary().get("all_booted") if "local" in runs else None
+            rows.append(row(run, floor))
+            print(f"  {mode} done in {time.monotonic() - t1:.0f} s", flush=True)
+            print_table(rows[-1:], rig.profile.image_size)
+    finally:
+        rig.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--gap-scale", type=float, default=DEFAULT_GAP_SCALE)
+    p.add_argument("--rate-mbit", type=int, default=DEFAULT_RATE_MBIT)
+    p.add_argument("--fanout", type=int, default=2)
+    p.add_argument("--origin-fanout", type=int, default=1)
+    p.add_argument("--copy-max-n", type=int, default=8)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1]
+                   / "results" / "bench-provision.json")
+    a = p.parse_args()
+    rows: list[dict[str, Any]] = []
+    image_size = 0
+    for n in a.nodes:
+        try:
+            bench_n(n, a, rows)
+        except Exception as e:  # report what ran; the next N may still run
+            print(f"N={n} failed: {type(e).__name__}: {e}", flush=True)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"gap_scale": a.gap_scale, "rate_mbit": a.rate_mbit,
+                                     "rows": rows}, indent=1))
+    from vmthunder.lab.provision import golden
+
+    image_size = golden("small")[0].stat().st_size
+    print(f"\nreplayed boot, gaps x{a.gap_scale:g}; links {a.rate_mbit} Mbit/s standing for "
+          f"1 Gbit/s; times in seconds from the start of each mode")
+    print_table(rows, image_size)
+    print(f"results: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The main job end to end, small: origin + 2 nodes, the real control plane, operator and CSI
+controller on the host, the agent and CSI node plugin in every node, one volume and one
+replayed VM boot per node (vmthunder.lab.provision, what `vmthunder demo` runs).
+
+Cost: about 4-6 minutes of 2 cores under TCG (lab boot, services, boots, full hydration of
+the 768 MiB golden image down a two-node chain), more when the machine is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from vmthunder.lab.provision import (
+    ORIGIN,
+    NodeRun,
+    Options,
+    Rig,
+    Run,
+    percentile,
+    summarize,
+    tree_problems,
+)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([1, 2, 3, 4], 95) == 4
+    assert percentile([5.0], 95) == 5.0
+    assert percentile(list(range(1, 101)), 95) == 95
+
+
+def test_tree_problems_find_cycles_strangers_and_fanout() -> None:
+    assert tree_problems({"a": ORIGIN, "b": "a", "c": "a"}, 2, 1) == []
+    assert tree_problems({"a": ORIGIN, "b": ORIGIN}, 2, 1) == [
+        f"{ORIGIN} has 2 children, more than 1"]
+    assert any("cycle" in p for p in tree_problems({"a": "b", "b": "a"}, 2, 1))
+    assert tree_problems({"a": "x"}, 2, 1) == ["a: parent x is not a node of the tree"]
+
+
+def test_summary_counts_unbooted_and_mismatched_nodes() -> None:
+    nodes = [NodeRun("a", published=1.0, booted=5.0, sha_ok=True),
+             NodeRun("b", published=2.0, booted=9.0, sha_ok=True),
+             NodeRun("c", read_error="EIO")]
+    s = summarize(nodes)
+    assert (s["booted"], s["read_errors"], s["sha_mismatches"]) == (2, 1, 1)
+    assert s["all_booted"] == 9.0 and s["mean_boot"] == 5.5
+    assert "all_hydrated" not in s
+
+
+@pytest.fixture(scope="module")
+def run() -> Iterator[tuple[Rig, Run]]:
+    rig = Rig.start(Options(nodes=2, live=False, hydrate_timeout=420))
+    try:
+        yield rig, rig.provision("golden")
+    finally:
+        rig.close()
+
+
+@pytest.mark.lab
+@pytest.mark.apiserver
+def test_every_vm_boots_reading_the_exact_image_through_a_valid_tree(
+        run: tuple[Rig, Run]) -> None:
+    rig, r = run
+    s = r.summary()
+    assert s["booted"] == 2 and s["read_errors"] == 0, [n.read_error for n in r.nodes]
+    for n in r.nodes:  # the bytes of every boot read, in order, equal the image's
+        assert n.sha_ok and n.reads == len(rig.profile.reads), n
+        # kubelet's order of events held: volume, attach, stage, publish, first byte, booted
+        assert n.created is not None and n.attached is not None
+        assert n.staged is not None and n.published is not None and n.first_byte is not None
+        assert n.booted is not None
+        assert n.staged <= n.published <= n.first_byte <= n.booted
+    assert r.tree_problems == []
+    depths = sorted(n.depth for n in r.nodes)
+    assert depths == [1, 2]  # origin fan-out 1: a chain origin -> a -> b
+    child = next(n for n in r.nodes if n.depth == 2)
+    assert child.parent == next(n.node for n in r.nodes if n.depth == 1)
+
+
+@pytest.mark.lab
+@pytest.mark.apiserver
+def test_origin_serves_about_one_image_and_every_cache_completes_and_detaches(
+        run: tuple[Rig, Run]) -> None:
+    rig, r = run
+    size = rig.profile.image_size
+    # One node reads from the origin: at most one image (plus protocol slack), at least the
+    # boot's unique bytes.
+    assert rig.profile.unique_bytes <= r.origin_bytes <= 1.05 * size, r.origin_bytes
+    assert all(n.detached is not None for n in r.nodes), [(n.node, n.phase) for n in r.nodes]
+    # The child read the image from its parent, not from the origin.
+    child = next(n for n in r.nodes if n.depth == 2)
+    assert child.bytes_from_parent >= 0.95 * size
