@@ -370,20 +370,20 @@ class Rig:
 
         cp, lab, p = self.cp, self.lab, self.printer
         cp.install_vmthunder_crds()
-        self.api = kubernetes.config.new_client_from_config(str(cp.kubeconfig))
+        self.api = kubernetes.config.new_client_from_config(str(cp.kubeconfig))  # type: ignore[no-untyped-call]
         core = kubernetes.client.CoreV1Api(self.api)
         from vmthunder.lab.nodes import register_node
 
         for g in lab.nodes:  # the labels the CSI node plugin reports as its topology
             register_node(core, g.name, {TOPOLOGY_KEY: g.name, "kubernetes.io/hostname": g.name})
-        core.create_namespace({"metadata": {"name": NAMESPACE}})
+        core.create_namespace({"metadata": {"name": NAMESPACE}})  # type: ignore[arg-type]
         t = lab.origin_target
         assert t is not None
-        core.create_namespaced_secret(NAMESPACE, {
+        core.create_namespaced_secret(NAMESPACE, {  # type: ignore[arg-type]
             "metadata": {"name": "golden-chap"},
             "data": {"username": base64.b64encode(t.chap_user.encode()).decode(),
                      "password": base64.b64encode(t.chap_password.encode()).decode()}})
-        core.create_namespaced_config_map(NAMESPACE, {
+        core.create_namespaced_config_map(NAMESPACE, {  # type: ignore[arg-type]
             "metadata": {"name": "golden-boot-profile"},
             "data": {"profile": self.profile_path.read_text()}})
         self.procs["operator"] = cp.spawn_operator(self.workdir / "operator.log", priority=100)
