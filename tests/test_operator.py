@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import kubernetes
 import pytest
 import yaml
+from waiting import wait_for
 
 from vmthunder.lab.controlplane import ControlPlane
 from vmthunder.lab.nodes import ZONE_LABEL, register_node, set_node_ready
@@ -24,15 +25,6 @@ pytestmark = pytest.mark.apiserver
 MINE = "test.vmthunder.io/operator"
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last: {result!r}")
-        time.sleep(0.25)
 
 
 class Cluster:
