@@ -114,10 +114,16 @@ class Hydrator(threading.Thread):
         name = names.cache_dev(self.image)
         stats_id = self._stats(name)
         t0 = time.monotonic()
-        batch = max(self.queue_depth * 4, 16)
+        batch = max(self.queue_depth * 16, 64)
+        checked = 0.0
         for i in range(0, len(self.profile), batch):
-            if self.stopping.is_set() or self.backend.observe(self.image).kind != "caching":
+            if self.stopping.is_set():
                 return
+            # Looking at the device costs dmsetup calls (slow in a TCG guest): every few seconds.
+            if time.monotonic() - checked > 5:
+                if self.backend.observe(self.image).kind != "caching":
+                    return
+                checked = time.monotonic()
             chunk = self.profile[i:i + batch]
             self.backend.hydrate(self.image, chunk, self.region_bytes, self.size,
                                  self.queue_depth)
