@@ -110,8 +110,11 @@ def create(name: str, table: Table, *, uuid: str | None = None, readonly: bool =
 
 
 def load(name: str, table: Table) -> None:
-    """Loads `table` as the inactive table of `name`; takes effect at the next resume."""
-    _run(f"load {name}", ["load", name, "--noudevsync"], stdin=_table_text(table))
+    """Loads `table` as the inactive table of `name`; takes effect at the next resume.
+    A device created read-only stays read-only (the kernel refuses a writable table: EROFS)."""
+    attr = _run(f"info {name}", ["info", "-c", "--noheadings", "-o", "attr", name]).strip()
+    ro = ["--readonly"] if attr.endswith("r") else []
+    _run(f"load {name}", ["load", name, "--noudevsync", *ro], stdin=_table_text(table))
 
 
 def suspend(name: str, *, noflush: bool = False) -> None:
