@@ -89,6 +89,7 @@ def run_backend(lab: Lab, backend: str, image: Path, size: int,
               check=True)
     result["seq_read"] = r.stdout.strip().split(",")[-1].strip()
     result["sha_ok"] = ld.guest_sha256(b, dev, size) == ld.sha256_file(image)
+    print(result, flush=True)  # the figures survive a failing teardown
     for g in (b, a):
         ld.local(g, "remove", {**base, "node": g.name})
     ld.local(o, "unexport", {"image": img, "iqn": origin_iqn})

@@ -118,7 +118,7 @@ def test_agents_build_the_tree_survive_a_restart_and_detach(
 
     start_agent(a, cp)
     start_agent(b, cp)
-    st_b = wait_phase(cp, b.name, {"Hydrating"}, 300)
+    st_b = wait_phase(cp, b.name, {"Hydrating"}, 900)  # agent start-up is minutes under TCG
     assert st_b["exportAddress"]["iqn"] == names.export_iqn(IMG, b.name)
     assert st_b["attachedParent"] == a.name and st_b["heartbeat"]
 

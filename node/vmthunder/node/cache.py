@@ -215,7 +215,12 @@ class QemuCorBackend(_Files):
         if not dm.exists(name):
             return None
         t = dm.table(name)
-        return t[0].args[0] if t and t[0].type == "linear" else None
+        if not t or t[0].type != "linear":
+            return None
+        dev = t[0].args[0]  # the kernel shows "43:0": name the device node for qemu-nbd -d
+        if ":" in dev and not dev.startswith("/"):
+            dev = "/dev/" + os.path.basename(os.readlink(f"/sys/dev/block/{dev}"))
+        return dev
 
     def observe(self, image: str) -> CacheState:
         name = names.cache_dev(image)
