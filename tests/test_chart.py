@@ -20,6 +20,7 @@ import yaml
 from waiting import wait_for
 
 import vmthunder.cli
+import vmthunder.node.cli
 from vmthunder.csi.names import DRIVER_NAME
 from vmthunder.lab.controlplane import BIN, ControlPlane, free_port
 from vmthunder.lab.nodes import register_node
@@ -172,7 +173,7 @@ def test_operator_replicas_get_distinct_peering_priorities_from_their_pod_index(
         "metadata.labels['apps.kubernetes.io/pod-index']")
 
 
-def test_the_rendered_operator_and_csi_command_lines_parse_with_the_cli(
+def test_the_rendered_operator_csi_and_agent_command_lines_parse_with_the_cli(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Flags drift: every vmthunder command line the chart renders must be one the CLI takes."""
     manifests = render()
@@ -185,20 +186,23 @@ def test_the_rendered_operator_and_csi_command_lines_parse_with_the_cli(
 
     monkeypatch.setattr(vmthunder.cli, "_operator", recorder("operator"))
     monkeypatch.setattr(vmthunder.cli, "_csi", recorder("csi"))
-    env = {"POD_INDEX": "1", "NODE_NAME": "node-a", "NAMESPACE": NAMESPACE}
+    monkeypatch.setattr(vmthunder.node.cli, "run", recorder("agent"))
+    env = {"POD_INDEX": "1", "NODE_NAME": "node-a", "NAMESPACE": NAMESPACE, "NODE_IP": "10.1.2.3"}
     lines = [
         container(one(manifests, "StatefulSet"), "operator"),
         container(one(manifests, "Deployment"), "csi-controller"),
         container(one(manifests, "DaemonSet"), "csi-node"),
+        container(one(manifests, "DaemonSet"), "agent"),
     ]
     for c in lines:
         assert c["command"] == ["vmthunder"]
         assert vmthunder.cli.main(expand(c["args"], env)) == 0
-    (_, op), (_, ctl), (_, node) = seen
+    (_, op), (_, ctl), (_, node), (_, agent) = seen
     assert (op.priority, op.metrics_port, op.liveness_port) == (1, 9090, 8080)
     assert (ctl.mode, ctl.endpoint, ctl.metrics_port) == (
         "controller", "unix:///csi/csi.sock", 9091)
     assert (node.mode, node.node_id, node.metrics_port) == ("node", "node-a", 9818)
+    assert (agent.node, agent.export_ip) == ("node-a", "10.1.2.3")
 
 
 def test_driver_name_of_the_chart_is_the_drivers_own() -> None:
