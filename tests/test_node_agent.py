@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
+
+from waiting import wait_for
 
 from vmthunder.node import names
 from vmthunder.node.agent import (
@@ -15,6 +20,7 @@ from vmthunder.node.agent import (
     plan_status,
 )
 from vmthunder.node.cache import CacheState
+from vmthunder.node.hydrate import UNLIMITED, Hydrator, Upstream, upstream_of
 from vmthunder.node.iscsi import TargetAddress
 
 CACHE_SPEC = {"source": {"iscsi": {"portal": "10.0.0.2", "iqn": "iqn.2026-11.io.x:gold"}}}
@@ -57,7 +63,7 @@ def test_phases_follow_the_cache_layer() -> None:
 
 def report(cache: CacheState, from_parent: int) -> Report:
     return Report("Detached" if cache.kind == "detached" else "Hydrating", cache, from_parent,
-                  7, TargetAddress("10.0.0.12:3260", "iqn.x:b.img"), "", "iqn.x:b", "")
+                  7, 5, TargetAddress("10.0.0.12:3260", "iqn.x:b.img"), "", "iqn.x:b", "")
 
 
 def test_status_counters_never_go_backwards_after_detach_drops_the_kernel_counter() -> None:
@@ -79,3 +85,62 @@ def test_status_publishes_export_address_and_initiator_condition() -> None:
 
 def test_images_without_a_replica_are_removed() -> None:
     assert plan_removals({"a", "b"}, {"b", "c"}) == {"a"}
+
+
+def test_upstream_limits_a_child_to_what_its_parent_has_prefetched() -> None:
+    assert upstream_of(True, None) == UNLIMITED
+    assert upstream_of(False, {"phase": "Hydrated"}) == UNLIMITED
+    assert upstream_of(False, {"phase": "Detached", "prefetchedRegions": 3}) == UNLIMITED
+    assert upstream_of(False, {"phase": "Hydrating", "prefetchedRegions": 40}) == Upstream(
+        40, False)
+    assert upstream_of(False, None) == Upstream(0, False)  # parent not reporting yet: wait
+
+
+class RecordingBackend:
+    """Records what the hydrator asks of a cache that does not keep its reads (the pacing
+    decisions only; the kernel path is tested in the lab, tests/test_stack_lab.py)."""
+
+    name = "recording"
+    kernel_background = True
+    caches_reads = False
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.hydrated: list[int] = []
+        self.background = threading.Event()
+
+    def observe(self, image: str) -> CacheState:
+        return CacheState("caching", len(set(self.hydrated)), self.total, 65536,
+                          self.total * 65536)
+
+    def hydrate(self, image: str, regions: Sequence[int], region_bytes: int, size: int,
+                queue_depth: int) -> int:
+        self.hydrated.extend(regions)
+        return len(regions) * region_bytes
+
+    def start_background(self, image: str, threshold: int) -> None:
+        self.background.set()
+
+
+def test_a_non_caching_child_never_prefetches_past_its_parent_nor_starts_background_early(
+) -> None:
+    be = RecordingBackend(total=1000)
+    profile = list(range(500, 0, -1))
+    h = Hydrator("img", be, size=1000 * 65536, region_bytes=65536,  # type: ignore[arg-type]
+                 profile=profile, queue_depth=1, throttle=0, upstream=Upstream(0, False))
+    h._stats = lambda name: None  # type: ignore[method-assign]  # no dm-stats here
+    h.start()
+    try:
+        for parent_has in (0, 70, 300):
+            h.upstream = Upstream(parent_has, False)
+            wait_for(f"prefetch to {parent_has}", lambda: h.prefetched == parent_has,  # noqa: B023
+                     timeout=10)
+            time.sleep(0.7)  # more than a pacing step: it stays where the parent is
+            assert h.prefetched == parent_has and be.hydrated == profile[:parent_has]
+        assert not be.background.is_set()
+        h.upstream = Upstream(300, True)  # parent complete: the rest, then the background
+        wait_for("background hydration", be.background.is_set, timeout=10)
+        assert be.hydrated == profile
+    finally:
+        h.stop()
+        h.join(5)

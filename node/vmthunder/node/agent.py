@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from vmthunder.node import blockdev, dm, iscsi, names, stack
 from vmthunder.node.cache import CacheBackend, CacheState, make_backend
-from vmthunder.node.hydrate import Hydrator, parse_profile, plan_prefetch
+from vmthunder.node.hydrate import Hydrator, Upstream, parse_profile, plan_prefetch, upstream_of
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import IscsiTransport, Transport
 from vmthunder.operator.model import (
@@ -92,6 +92,7 @@ class Report:
     cache: CacheState
     bytes_from_parent: int
     bytes_served: int
+    prefetched: int
     export: TargetAddress
     attached_parent: str
     initiator: str
@@ -122,6 +123,7 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
         "totalRegions": total,
         "bytesFromParent": max(prev_from, r.bytes_from_parent),
         "bytesServed": max(prev_served, r.bytes_served),
+        "prefetchedRegions": r.prefetched,
         "exportAddress": {"portal": r.export.portal, "iqn": r.export.iqn, "lun": r.export.lun},
         "attachedParent": r.attached_parent,
         "heartbeat": stamp,
@@ -277,7 +279,8 @@ class Agent:
         else:
             message = "waiting for the parent's export"
         cache = self.backend.observe(image)
-        h = self._hydrator(image, cache, cspec, size, region, parent is not None)
+        upstream = upstream_of(spec.get("parent") == names.ORIGIN, parent_status)
+        h = self._hydrator(image, cache, cspec, size, region, parent is not None, upstream)
         c = stack.counters(image)
         attached = ""
         if cache.kind == "caching" and parent is not None and dm.exists(names.src_dev(image)):
@@ -286,6 +289,7 @@ class Agent:
             phase=plan_phase(cache, parent is not None, h.prefetched if h else 0,
                              h.error if h else None),
             cache=cache, bytes_from_parent=c.bytes_from_parent, bytes_served=c.bytes_served,
+            prefetched=h.prefetched if h else 0,
             export=TargetAddress(f"{self.export_ip}:3260", names.export_iqn(image, self.node)),
             attached_parent=attached, initiator=self.initiator,
             message=(h.error if h and h.error else message),
@@ -303,10 +307,12 @@ class Agent:
         return blockdev.size_bytes(self.transport.attach(parent, chap))
 
     def _hydrator(self, image: str, cache: CacheState, cspec: Mapping[str, Any], size: int,
-                  region: int, has_parent: bool) -> Hydrator | None:
+                  region: int, has_parent: bool, upstream: Upstream) -> Hydrator | None:
         h = self.hydrators.get(image)
-        if h is not None and (h.is_alive() or h.error):
-            return h
+        if h is not None:
+            h.upstream = upstream
+            if h.is_alive() or h.error:
+                return h
         if cache.kind != "caching" or cache.complete or not has_parent:
             return h
         prefetch = cspec.get("prefetch") or {}
@@ -322,7 +328,8 @@ class Agent:
                 order = plan_prefetch(parse_profile(text), region, size)
         throttle = int((cspec.get("hydration") or {}).get("throttleBytesPerSecond", 0))
         h = Hydrator(image, self.backend, size=size, region_bytes=region, profile=order,
-                     queue_depth=int(prefetch.get("queueDepth", 8)), throttle=throttle)
+                     queue_depth=int(prefetch.get("queueDepth", 8)), throttle=throttle,
+                     upstream=upstream)
         h.start()
         self.hydrators[image] = h
         return h

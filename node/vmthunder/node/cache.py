@@ -56,6 +56,9 @@ class CacheState:
 class CacheBackend(Protocol):
     name: str
     kernel_background: bool  # True: the kernel hydrates in the background by itself
+    # False: a read of a region not yet local passes through to -src and is not kept, so a
+    # child must stay behind its parent or its reads run on up to the origin.
+    caches_reads: bool
 
     def observe(self, image: str) -> CacheState: ...
 
@@ -111,6 +114,7 @@ class _Files:
 class DmCloneBackend(_Files):
     name = "dm-clone"
     kernel_background = True
+    caches_reads = False
 
     def _data(self, image: str) -> str:
         return os.path.join(self.dir(image), "data")
@@ -175,6 +179,9 @@ class DmCloneBackend(_Files):
 
     def start_background(self, image: str, threshold: int) -> None:
         name = names.cache_dev(image)
+        t = dm.table(name)
+        if not t or t[0].type != "clone":
+            return  # detached already: nothing left to hydrate
         dm.message(name, ["hydration_threshold", str(max(1, threshold))])
         dm.message(name, ["hydration_batch_size", str(max(1, threshold))])
         dm.message(name, ["enable_hydration"])
@@ -206,6 +213,7 @@ class DmCloneBackend(_Files):
 class QemuCorBackend(_Files):
     name = "qemu-cor"
     kernel_background = False
+    caches_reads = True
 
     def _qcow(self, image: str) -> str:
         return os.path.join(self.dir(image), "cache.qcow2")

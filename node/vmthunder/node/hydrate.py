@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,11 +81,38 @@ def background_threshold(throttle_bytes_per_second: int, region_bytes: int) -> i
     return max(1, min(256, throttle_bytes_per_second // 20 // region_bytes))
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """What the parent holds, as its replica's status last said. A cache that does not keep
+    what it reads (dm-clone) must not read ahead of its parent: such a read passes through the
+    parent to the origin, and the region crosses the origin's link once more."""
+
+    prefetched: int | None = None  # profile regions the parent has; None: no limit
+    complete: bool = True  # the parent holds the whole image (or is the origin)
+
+
+UNLIMITED = Upstream()
+
+
+def upstream_of(parent_is_origin: bool, parent_status: Mapping[str, Any] | None) -> Upstream:
+    if parent_is_origin:
+        return UNLIMITED
+    st = parent_status or {}
+    if st.get("phase") in ("Hydrated", "Detached"):
+        return UNLIMITED
+    return Upstream(int(st.get("prefetchedRegions", 0)), False)
+
+
 class Hydrator(threading.Thread):
-    """One image: prefetch the profile, then keep read regions local, then the background."""
+    """One image: prefetch the profile, then keep read regions local, then the background.
+
+    Every node prefetches the same regions in the same order; `upstream` (kept current by the
+    agent) holds a non-caching backend behind its parent: prefetch no further than the parent
+    has, background hydration only once the parent is complete."""
 
     def __init__(self, image: str, backend: CacheBackend, *, size: int, region_bytes: int,
-                 profile: Sequence[int], queue_depth: int, throttle: int) -> None:
+                 profile: Sequence[int], queue_depth: int, throttle: int,
+                 upstream: Upstream = UNLIMITED) -> None:
         super().__init__(name=f"hydrate-{image}", daemon=True)
         self.image = image
         self.backend = backend
@@ -94,6 +121,7 @@ class Hydrator(threading.Thread):
         self.profile = list(profile)
         self.queue_depth = queue_depth
         self.throttle = throttle
+        self.upstream = upstream
         self.prefetched = 0
         self.prefetch_seconds = 0.0
         self.background_started = False
@@ -110,29 +138,14 @@ class Hydrator(threading.Thread):
             log.exception("hydration of %s failed", self.image)
             self.error = f"{type(e).__name__}: {e}"
 
+    def _limit(self) -> Upstream:
+        return UNLIMITED if self.backend.caches_reads else self.upstream
+
     def _run(self) -> None:
         name = names.cache_dev(self.image)
         stats_id = self._stats(name)
-        t0 = time.monotonic()
-        batch = max(self.queue_depth * 16, 64)
-        checked = 0.0
-        for i in range(0, len(self.profile), batch):
-            if self.stopping.is_set():
-                return
-            # Looking at the device costs dmsetup calls (slow in a TCG guest): every few seconds.
-            if time.monotonic() - checked > 5:
-                if self.backend.observe(self.image).kind != "caching":
-                    return
-                checked = time.monotonic()
-            chunk = self.profile[i:i + batch]
-            self.backend.hydrate(self.image, chunk, self.region_bytes, self.size,
-                                 self.queue_depth)
-            self.prefetched += len(chunk)
-        self.prefetch_seconds = time.monotonic() - t0
-        if self.backend.kernel_background:
-            self.backend.start_background(
-                self.image, background_threshold(self.throttle, self.region_bytes))
-            self.background_started = True
+        if not self._prefetch():
+            return
         next_region = 0
         total = -(-self.size // self.region_bytes)
         while not self.stopping.is_set():
@@ -145,7 +158,15 @@ class Hydrator(threading.Thread):
                 if hot:
                     self.backend.hydrate(self.image, hot, self.region_bytes, self.size,
                                          self.queue_depth)
-            if not self.backend.kernel_background and next_region < total:
+            if not self._limit().complete:
+                self.stopping.wait(0.5)
+                continue
+            if self.backend.kernel_background:
+                if not self.background_started:
+                    self.backend.start_background(
+                        self.image, background_threshold(self.throttle, self.region_bytes))
+                    self.background_started = True
+            elif next_region < total:
                 # The agent is the background: a slice per round, within the throttle.
                 per_round = (max(1, self.throttle // self.region_bytes) if self.throttle
                              else 256)
@@ -158,6 +179,33 @@ class Hydrator(threading.Thread):
                     self.stopping.wait(1.0)
                 continue
             self.stopping.wait(0.5)
+
+    def _prefetch(self) -> bool:
+        """Hydrates the profile in order, in batches, never past the parent. False: stop."""
+        t0 = time.monotonic()
+        batch = max(self.queue_depth * 16, 64)
+        checked = 0.0
+        while self.prefetched < len(self.profile):
+            if self.stopping.is_set():
+                return False
+            # Looking at the device costs dmsetup calls (slow in a TCG guest): every few seconds.
+            if time.monotonic() - checked > 5:
+                if self.backend.observe(self.image).kind != "caching":
+                    return False
+                checked = time.monotonic()
+            limit = self._limit()
+            up = None if limit.complete else limit.prefetched
+            end = min(len(self.profile), self.prefetched + batch,
+                      len(self.profile) if up is None else up)
+            if end <= self.prefetched:
+                self.stopping.wait(0.5)  # the parent is behind: its next report moves us on
+                continue
+            chunk = self.profile[self.prefetched:end]
+            self.backend.hydrate(self.image, chunk, self.region_bytes, self.size,
+                                 self.queue_depth)
+            self.prefetched = end
+        self.prefetch_seconds = time.monotonic() - t0
+        return True
 
     def _stats(self, name: str) -> int | None:
         if self.backend.name != "dm-clone":
