@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from vmthunder.csi import loop
 from vmthunder.csi._command import CommandError
 from vmthunder.csi.backend import BackendError, CowDevice, CowSpec, NotStaged
 from vmthunder.csi.names import image_device_name, volume_device_name
@@ -147,12 +146,11 @@ class DmSnapshotBackend:
         if device is None:
             return blockdev.loop_attach(path)
         if grew:
-            loop.set_capacity(device)
+            blockdev.loop_set_capacity(device)
         return device
 
     def _loop(self, volume_id: str) -> str | None:
-        real = os.path.realpath(self._file(volume_id))
-        return next((lp.device for lp in blockdev.loops() if lp.backing_file == real), None)
+        return next(iter(blockdev.loops_of(str(self._file(volume_id)))), None)
 
     def expand(self, volume_id: str, capacity_bytes: int) -> CowDevice:
         name = volume_device_name(volume_id)

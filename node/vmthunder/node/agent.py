@@ -349,9 +349,9 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
               replacement_timeout: int | None = None, profile_file: str | None = None,
               once: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from vmthunder.operator.writer import load_kube_config
+    from vmthunder.kube import load_api_client
 
-    kube = Kube(load_kube_config())
+    kube = Kube(load_api_client())
     # With multipath, a dead session must fail fast so dm-multipath queues the I/O itself
     # (queue_if_no_path) until a new parent's path is loaded; without it the SCSI layer queues.
     tmo = replacement_timeout if replacement_timeout is not None else (5 if multipath else 600)

@@ -129,6 +129,17 @@ def loop_attach(backing_file: str, *, readonly: bool = False, direct_io: bool = 
     return _run(f"losetup {real}", cmd).strip()
 
 
+def loops_of(backing_file: str) -> list[str]:
+    """The loop devices over `backing_file`."""
+    real = os.path.realpath(backing_file)
+    return [lp.device for lp in loops() if lp.backing_file == real]
+
+
+def loop_set_capacity(device: str) -> None:
+    """Makes the loop device follow its grown backing file."""
+    _run(f"losetup --set-capacity {device}", ["losetup", "--set-capacity", device])
+
+
 def loop_detach(device: str) -> None:
     try:
         _run(f"losetup -d {device}", ["losetup", "--detach", device])

@@ -203,9 +203,8 @@ class DmCloneBackend(_Files):
     def remove(self, image: str) -> None:
         dm.remove(names.cache_dev(image))
         for f in (self._data(image), self._meta(image)):
-            for lp in blockdev.loops():
-                if lp.backing_file == os.path.realpath(f):
-                    blockdev.loop_detach(lp.device)
+            for device in blockdev.loops_of(f):
+                blockdev.loop_detach(device)
             if os.path.exists(f):
                 os.unlink(f)
 

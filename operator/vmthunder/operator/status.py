@@ -72,9 +72,9 @@ def fetch_status(api: kubernetes.client.CustomObjectsApi, name: str
 
 
 def run_status(name: str) -> int:
-    from vmthunder.operator.writer import load_kube_config
+    from vmthunder.kube import load_api_client
 
-    found = fetch_status(kubernetes.client.CustomObjectsApi(load_kube_config()), name)
+    found = fetch_status(kubernetes.client.CustomObjectsApi(load_api_client()), name)
     if found is None:
         print(f"imagecache {name!r} not found")
         return 1
