@@ -1,7 +1,8 @@
 """open-iscsi initiator: discovery, login/logout with CHAP, sessions and their disks.
 
 Sessions are read from sysfs (the kernel's truth); iscsiadm changes them. Callers never see
-a command line. Every failure raises IscsiError with iscsiadm's stderr.
+a command line. Every failure raises IscsiError with iscsiadm's stderr, CHAP passwords
+replaced by REDACTED: the error ends up in logs and in the replica's status.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ import glob
 import os
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 ISCSIADM = os.environ.get("VMT_ISCSIADM", "iscsiadm")
 INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
 # iscsiadm exit codes: 15 = session exists, 21 = no objects found
 RC_SESSION_EXISTS = 15
 RC_NO_OBJECTS = 21
+REDACTED: Final = "***"
+# Node record keys whose values are secrets (iscsiadm takes them on its command line).
+SECRET_KEYS: Final = frozenset({"node.session.auth.password", "node.session.auth.password_in"})
 
 
 class IscsiError(RuntimeError):
@@ -73,15 +78,25 @@ class Session:
         return self.disks.get(lun)
 
 
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every occurrence of each non-empty secret replaced by REDACTED."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 def _run(what: str, args: Sequence[str], timeout: float = 60,
-         ok: Sequence[int] = ()) -> tuple[int, str]:
+         ok: Sequence[int] = (), secrets: Sequence[str] = ()) -> tuple[int, str]:
     try:
         p = subprocess.run([ISCSIADM, *args], capture_output=True, text=True, timeout=timeout,
                            check=False)
-    except (subprocess.TimeoutExpired, FileNotFoundError) as e:
-        raise IscsiError(what, -1, str(e)) from e
+    except subprocess.TimeoutExpired:
+        # Not chained: TimeoutExpired's text is the whole command line, secrets included.
+        raise IscsiError(what, -1, f"timed out after {timeout:g} s") from None
+    except FileNotFoundError as e:
+        raise IscsiError(what, -1, str(e)) from None
     if p.returncode != 0 and p.returncode not in ok:
-        raise IscsiError(what, p.returncode, p.stderr)
+        raise IscsiError(what, p.returncode, redact(p.stderr, secrets))
     return p.returncode, p.stdout
 
 
@@ -131,7 +146,8 @@ def _node(t: TargetAddress) -> list[str]:
 
 
 def _update(t: TargetAddress, key: str, value: str) -> None:
-    _run(f"update {t.iqn} {key}", [*_node(t), "-o", "update", "-n", key, "-v", value])
+    _run(f"update {t.iqn} {key}", [*_node(t), "-o", "update", "-n", key, "-v", value],
+         secrets=(value,) if key in SECRET_KEYS else ())
 
 
 def sessions() -> list[Session]:
@@ -189,7 +205,9 @@ def login(t: TargetAddress, chap: Chap | None = None, *, replacement_timeout: in
         _update(t, "node.session.timeo.replacement_timeout", str(replacement_timeout))
         _update(t, "node.startup", "manual")
         if existing is None:
-            _run(f"login {t.iqn}", [*_node(t), "--login"], ok=(RC_SESSION_EXISTS,))
+            secrets = (chap.password, chap.mutual_password or "") if chap else ()
+            _run(f"login {t.iqn}", [*_node(t), "--login"], ok=(RC_SESSION_EXISTS,),
+                 secrets=secrets)
     deadline = time.monotonic() + wait_disk
     while True:
         s = find_session(t)

@@ -1,8 +1,9 @@
 """LIO iSCSI targets via rtslib-fb: a read-only block LUN per export, CHAP, an ACL per initiator.
 
 State lives in configfs, so `exports()` rediscovers what an earlier run built. Every failure
-raises LioError. rtslib-fb is Debian's python3-rtslib-fb; under the project venv its
-dist-packages directory is appended to sys.path on first use.
+raises LioError, CHAP passwords in rtslib's message replaced by iscsi.REDACTED. rtslib-fb is
+Debian's python3-rtslib-fb; under the project venv its dist-packages directory is appended to
+sys.path on first use.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from vmthunder.node.iscsi import Chap
+from vmthunder.node.iscsi import Chap, redact
 
 CONFIGFS = "/sys/kernel/config/target"
 _DIST = "/usr/lib/python3/dist-packages"
@@ -114,7 +115,10 @@ def ensure_export(spec: ExportSpec) -> None:
     except LioError:
         raise
     except Exception as e:  # rtslib raises RTSLibError and OSErrors from configfs
-        raise LioError(f"export {spec.iqn}", f"{type(e).__name__}: {e}") from e
+        secrets = (spec.chap.password, spec.chap.mutual_password or "") if spec.chap else ()
+        # Not chained when a secret is set: rtslib's own message may quote the value.
+        raise LioError(f"export {spec.iqn}",
+                       redact(f"{type(e).__name__}: {e}", secrets)) from (None if secrets else e)
 
 
 def remove_export(iqn: str, backstore: str | None = None) -> None:
