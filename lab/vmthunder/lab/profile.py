@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import re
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 MAGIC = "vmthunder-boot-profile"
 VERSION = 1
 BOOT_MARKER = "VMT-GOLDEN-BOOTED"
+_DIGITS = re.compile(r"[0-9]+")
 _HEADER = ("image-size", "image-sha256", "recorded-under", "gap-scale", "boot-seconds", "reads")
 
 
@@ -112,7 +114,7 @@ def merge_extents(reads: Iterable[Read]) -> list[tuple[int, int]]:
 def _records_digest(lines: Iterable[str]) -> str:
     h = hashlib.sha256()
     for line in lines:
-        h.update(line.encode() + b"\n")
+        h.update(line.encode(errors="surrogatepass") + b"\n")  # a lone surrogate: no crash
     return h.hexdigest()
 
 
@@ -159,7 +161,8 @@ def parse_profile(text: str, source: str = "<profile>") -> BootProfile:
         count = int(fields["reads"])
     except ValueError as e:
         raise ProfileError(f"{source}: bad header value: {e}") from e
-    if image_size <= 0 or count < 0 or gap_scale < 0 or boot_seconds < 0:
+    finite = math.isfinite(gap_scale) and math.isfinite(boot_seconds)
+    if image_size <= 0 or count < 0 or gap_scale < 0 or boot_seconds < 0 or not finite:
         raise ProfileError(f"{source}: header values out of range")
     if not re.fullmatch(r"[0-9a-f]{64}", fields["image-sha256"]):
         raise fail(2, "image-sha256 is not 64 hex digits")
@@ -178,7 +181,8 @@ def parse_profile(text: str, source: str = "<profile>") -> BootProfile:
     reads = []
     for i, line in enumerate(body):
         parts = line.split(" ")
-        if len(parts) != 3 or not all(x.isdigit() for x in parts):
+        # ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
+        if len(parts) != 3 or not all(_DIGITS.fullmatch(x) for x in parts):
             raise fail(first + i, f"expected '<offset> <length> <gap_us>', got {line[:60]!r}")
         off, length, gap = (int(x) for x in parts)
         if length <= 0 or off + length > image_size:

@@ -26,29 +26,49 @@ class Read:
     length: int
 
 
-def parse_profile(text: str) -> list[Read]:
+def parse_profile(text: str | bytes) -> list[Read]:
     """A boot profile: the recorded format of vmthunder.lab.profile ("vmthunder-boot-profile 1",
     checksummed), or JSON, a list of reads or {"reads": [...]}, a read being
-    {"offset", "length", ...} or [offset, length, ...]. Gaps are ignored: prefetch runs ahead."""
+    {"offset", "length", ...} or [offset, length, ...]. Gaps are ignored: prefetch runs ahead.
+    Anything else (corrupt, truncated, wrong types) raises ValueError saying what is wrong."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"boot profile is not UTF-8 text: {e}") from None
     if text.startswith("vmthunder-boot-profile"):
         from vmthunder.lab.profile import parse_profile as parse_recorded
 
         return [Read(r.offset, r.length) for r in parse_recorded(text).reads]
-    data: Any = json.loads(text)
+    try:
+        data: Any = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise ValueError(f"boot profile is neither the recorded format nor JSON: {e}") from None
     if isinstance(data, dict):
-        data = data.get("reads", data.get("profile", []))
+        key = next((k for k in ("reads", "profile") if k in data), None)
+        if key is None:
+            raise ValueError("a JSON boot profile object needs a 'reads' list")
+        data = data[key]
     if not isinstance(data, list):
-        raise ValueError("a boot profile is a list of reads")
+        raise ValueError(f"a boot profile is a list of reads, not {type(data).__name__}")
+
+    def integer(v: Any) -> int | None:  # JSON tools may write 4096.0; true is not 1
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return None
+        return int(v) if isinstance(v, int) or v.is_integer() else None
+
     out = []
-    for r in data:
+    for i, r in enumerate(data):
         if isinstance(r, dict):
-            off, length = int(r["offset"]), int(r["length"])
-        elif isinstance(r, list | tuple) and len(r) >= 2:
-            off, length = int(r[0]), int(r[1])
+            off, length = integer(r.get("offset")), integer(r.get("length"))
+        elif isinstance(r, list) and len(r) >= 2:
+            off, length = integer(r[0]), integer(r[1])
         else:
-            raise ValueError(f"bad read in boot profile: {r!r}")
-        if off < 0 or length <= 0:
-            raise ValueError(f"bad read in boot profile: {r!r}")
+            raise ValueError(f"read {i} of the boot profile is not {{offset, length, ...}} or "
+                             f"[offset, length, ...]: {str(r)[:80]}")
+        if off is None or length is None or off < 0 or length <= 0:
+            raise ValueError(f"read {i} of the boot profile needs an integer offset >= 0 and "
+                             f"length > 0: {str(r)[:80]}")
         out.append(Read(off, length))
     return out
 

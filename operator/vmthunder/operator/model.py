@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 GROUP: Final = "vmthunder.io"
@@ -93,11 +93,17 @@ class ReplicaFacts:
             parent=str(spec.get("parent", "")),
             depth=int(spec.get("depth", 0)),
             phase=str(status.get("phase", "Pending")),
-            heartbeat=datetime.fromisoformat(beat.replace("Z", "+00:00")) if beat else None,
+            heartbeat=_utc(datetime.fromisoformat(beat.replace("Z", "+00:00"))) if beat else None,
             bytes_from_parent=int(status.get("bytesFromParent", 0)),
             hydrated_regions=int(status.get("hydratedRegions", 0)),
             total_regions=int(status.get("totalRegions", 0)),
         )
+
+
+def _utc(t: datetime) -> datetime:
+    """A time without a zone is UTC (the API's date-time format allows it): comparing a naive
+    time with the operator's aware clock would raise TypeError in every planning pass."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,309 @@
+"""Fuzz tests of the pure parts that take outside input: the tree planner (and the
+reconciler that feeds it), and boot profiles. Odd input gets a valid answer or a clear
+ValueError, never another exception.
+
+tests/test_planner.py pins the planner's promises on well-formed input; here the input is
+what a broken or hostile cluster could hold: empty and unicode names, duplicates, the
+origin's own name, parents that are unknown, the node itself or a cycle, absurd fan-outs,
+every node NotReady. Examples per test: VMT_FUZZ_EXAMPLES (default 150, a few seconds each
+on CI); set it to thousands for a thorough run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmthunder.lab.profile import BootProfile, ProfileError, dump_profile
+from vmthunder.lab.profile import Read as RecordedRead
+from vmthunder.lab.profile import parse_profile as parse_recorded
+from vmthunder.node.hydrate import Read, parse_profile
+from vmthunder.operator.model import CacheSpec, NodeFacts, ReplicaFacts, replica_name
+from vmthunder.operator.planner import ORIGIN, NodeState, Placement, plan_tree
+from vmthunder.operator.reconcile import plan_replicas
+
+EXAMPLES = int(os.environ.get("VMT_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+# --- the planner ------------------------------------------------------------------------------
+
+# Few distinct names so that duplicates, self-parents and cycles are common.
+odd_names = st.sampled_from(["", " ", "a", "b", "c", "n-1", "n.2", "ü", "\x00", "a" * 300, ORIGIN])
+parents = st.none() | st.just(ORIGIN) | odd_names | st.text(max_size=5)
+fanouts = st.integers(-2, 6) | st.sampled_from([10**9, 2**63])
+
+
+@st.composite
+def odd_nodes(draw: st.DrawFn) -> list[NodeState]:
+    names = draw(st.lists(odd_names | st.text(max_size=8), max_size=30))
+    return [
+        NodeState(
+            name,
+            ready=draw(st.booleans()),
+            topology=draw(st.none() | st.sampled_from(["", "z1", "z2"]) | st.text(max_size=3)),
+            parent=draw(parents | st.sampled_from(names or [""])),
+            hydrated=draw(st.booleans()),
+        )
+        for name in names
+    ]
+
+
+def check_plan(nodes: Sequence[NodeState], fanout: int, origin_fanout: int | None,
+               plan: Mapping[str, Placement]) -> None:
+    """The planner's structural promises: exactly the ready nodes, each under a node of the
+    plan or the origin, depths counting the hops, no node over its fan-out."""
+    assert set(plan) == {n.name for n in nodes if n.ready}
+    children = Counter(p.parent for p in plan.values())
+    assert children[ORIGIN] <= (fanout if origin_fanout is None else origin_fanout)
+    for name, placement in plan.items():
+        assert placement.parent == ORIGIN or placement.parent in plan
+        assert children[name] <= fanout
+        at, hops = name, 0
+        while at != ORIGIN:
+            at = plan[at].parent
+            hops += 1
+            assert hops <= len(plan), f"cycle through {name!r}"
+        assert hops == placement.depth
+
+
+@FUZZ
+@given(odd_nodes(), fanouts, st.none() | fanouts)
+def test_planner_gives_a_valid_tree_or_a_value_error_for_any_nodes_and_fanouts(
+    nodes: list[NodeState], fanout: int, origin_fanout: int | None
+) -> None:
+    names = [n.name for n in nodes]
+    k0 = fanout if origin_fanout is None else origin_fanout
+    bad = fanout < 1 or k0 < 1 or ORIGIN in names or len(set(names)) < len(names)
+    try:
+        plan = plan_tree(nodes, fanout, origin_fanout)
+    except ValueError as e:
+        assert bad, f"rejected valid input: {e}"
+        assert str(e)
+        return
+    assert not bad, "accepted a duplicate, the origin's name or a fan-out below 1"
+    check_plan(nodes, fanout, origin_fanout, plan)
+
+
+@FUZZ
+@given(st.lists(st.text(max_size=6), unique=True, max_size=25), fanouts, st.data())
+def test_planner_places_every_ready_node_whatever_parents_the_input_claims(
+    names: list[str], fanout: int, data: st.DataObject
+) -> None:
+    names = [n for n in names if n != ORIGIN]
+    fanout = max(1, fanout)
+    nodes = [NodeState(n, ready=data.draw(st.booleans()),
+                       parent=data.draw(st.sampled_from([None, ORIGIN, n, "gone", *names])),
+                       topology=data.draw(st.sampled_from([None, "z1", "z2"])))
+             for n in names]
+    check_plan(nodes, fanout, None, plan_tree(nodes, fanout))
+
+
+def test_planner_with_every_node_not_ready_plans_nothing() -> None:
+    nodes = [NodeState(f"n{i}", ready=False, parent=ORIGIN if i == 0 else f"n{i - 1}",
+                       hydrated=True) for i in range(50)]
+    assert plan_tree(nodes, 3) == {}
+
+
+def test_planner_breaks_a_claimed_cycle_and_a_self_parent() -> None:
+    nodes = [NodeState("a", parent="c"), NodeState("b", parent="a"), NodeState("c", parent="b"),
+             NodeState("d", parent="d")]
+    plan = plan_tree(nodes, 2)
+    check_plan(nodes, 2, None, plan)
+
+
+def test_planner_handles_huge_fanout_and_a_thousands_wide_star_quickly() -> None:
+    # 3,000 nodes all claiming the same parent: the parent keeps fanout of them, the rest move.
+    nodes = [NodeState("hub", parent=ORIGIN)] + [
+        NodeState(f"n{i:04d}", parent="hub") for i in range(3000)]
+    plan = plan_tree(nodes, 10**9, 1)
+    check_plan(nodes, 10**9, 1, plan)
+    assert {p.parent for n, p in plan.items() if n != "hub"} == {"hub"}
+    small = plan_tree(nodes, 4, 2)
+    check_plan(nodes, 4, 2, small)
+
+
+# --- the reconciler: plan_replicas over odd cluster facts --------------------------------------
+
+labels = st.dictionaries(st.sampled_from(["pool", "topology.kubernetes.io/zone", ""]),
+                         st.sampled_from(["", "a", "b"]), max_size=2)
+# As the API server hands them over: with "Z", an offset, or no zone at all (the CRD's
+# date-time format allows it), parsed by ReplicaFacts.from_dict like the informer does.
+heartbeats = st.none() | st.builds(
+    lambda t, zone: t.isoformat() + zone,
+    st.datetimes(min_value=datetime(2025, 12, 31), max_value=datetime(2026, 1, 2)),
+    st.sampled_from(["Z", "+02:00", "-05:30", ""]))
+
+
+@st.composite
+def cluster(draw: st.DrawFn) -> tuple[CacheSpec, list[NodeFacts], list[ReplicaFacts], set[str]]:
+    names = draw(st.lists(st.sampled_from(["", "a", "b", "c", "d", "e", "ü"]), max_size=10))
+    nodes = [NodeFacts(n, draw(st.booleans()), draw(labels)) for n in names]
+    replicas = [
+        ReplicaFacts.from_dict({
+            "metadata": {"name": draw(st.text(max_size=5))},
+            "spec": {
+                "imageCache": draw(st.sampled_from(["img", "other"])),
+                "node": draw(st.sampled_from([*names, "gone", ""])),
+                "parent": draw(st.sampled_from([*names, ORIGIN, "gone", ""])),
+                "depth": draw(st.integers(-3, 10)),
+            },
+            "status": {
+                "phase": draw(st.sampled_from(["Pending", "Attached", "Hydrated", "Failed", ""])),
+                "heartbeat": draw(heartbeats),
+            },
+        })
+        for _ in range(draw(st.integers(0, 10)))
+    ]
+    spec = CacheSpec(fanout=draw(st.integers(1, 4)),
+                     origin_fanout=draw(st.none() | st.integers(1, 4)),
+                     node_selector=draw(st.none() | labels))
+    volume_nodes = set(draw(st.lists(st.sampled_from([*names, "gone"]), max_size=4)))
+    return spec, nodes, replicas, volume_nodes
+
+
+@FUZZ
+@given(cluster())
+def test_plan_replicas_over_odd_cluster_facts_writes_a_consistent_tree(
+    facts: tuple[CacheSpec, list[NodeFacts], list[ReplicaFacts], set[str]]
+) -> None:
+    spec, nodes, replicas, volume_nodes = facts
+    plan = plan_replicas("img", spec, nodes, replicas, volume_nodes, NOW)
+    written = {r.node: r for r in (*plan.create, *plan.update)}
+    assert len(written) == len(plan.create) + len(plan.update)  # one write per node
+    for node, r in written.items():
+        assert r.name == replica_name("img", node) and r.depth >= 1
+        assert r.parent == ORIGIN or r.parent in {n.name for n in nodes}
+    assert plan.status.node_count >= len(written)
+    assert set(plan.delete).isdisjoint(r.name for r in written.values())
+
+
+def test_a_heartbeat_without_a_timezone_counts_as_utc() -> None:
+    beat = {"metadata": {"name": "img.a"},
+            "spec": {"imageCache": "img", "node": "a", "parent": ORIGIN, "depth": 1},
+            "status": {"phase": "Attached", "heartbeat": "2025-12-31T23:59:30"}}
+    replica = ReplicaFacts.from_dict(beat)
+    assert replica.heartbeat == datetime(2025, 12, 31, 23, 59, 30, tzinfo=UTC)
+    stale = ReplicaFacts.from_dict({**beat, "status": {"heartbeat": "2025-12-31T00:00:00"}})
+    nodes = [NodeFacts("a", True), NodeFacts("b", True)]
+    children = [replica,
+                ReplicaFacts("img.b", "img", "b", "a", 2, "Attached", NOW - timedelta(seconds=5))]
+    assert not plan_replicas("img", CacheSpec(), nodes, children, {"a", "b"}, NOW).update
+    moved = plan_replicas("img", CacheSpec(), nodes, [stale, children[1]], {"a", "b"}, NOW)
+    assert [r.parent for r in moved.update] == [ORIGIN]  # b leaves the stale a
+
+
+# --- boot profiles -----------------------------------------------------------------------------
+
+def check_reads(reads: list[Read]) -> None:
+    assert all(isinstance(r.offset, int) and isinstance(r.length, int) for r in reads)
+    assert all(r.offset >= 0 and r.length > 0 for r in reads)
+
+
+def parses_or_says_why(text: str | bytes) -> list[Read] | None:
+    try:
+        reads = parse_profile(text)
+    except ValueError as e:
+        assert str(e), "a ValueError without a message"
+        return None
+    check_reads(reads)
+    return reads
+
+
+@FUZZ
+@given(st.text() | st.binary() | st.text(alphabet=st.characters(codec=None), max_size=50))
+def test_any_text_or_bytes_is_a_valid_profile_or_a_value_error(text: str | bytes) -> None:
+    parses_or_says_why(text)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["offset", "length", "reads", "profile", "gap_s", "x"]),
+                      inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@FUZZ
+@given(json_values)
+def test_any_json_is_a_valid_profile_or_a_value_error(value: object) -> None:
+    parses_or_says_why(json.dumps(value))
+
+
+@st.composite
+def recorded(draw: st.DrawFn) -> BootProfile:
+    size = draw(st.integers(1, 1 << 40))
+    reads = []
+    for _ in range(draw(st.integers(0, 20))):
+        off = draw(st.integers(0, size - 1))
+        length, gap = draw(st.integers(1, size - off)), draw(st.integers(0, 10**6))
+        reads.append(RecordedRead(off, length, gap))
+    return BootProfile(size, "ab" * 32, "tcg", 1.0, draw(st.floats(0, 1e4)), tuple(reads))
+
+
+@FUZZ
+@given(recorded(), st.data())
+def test_a_truncated_or_altered_recorded_profile_is_rejected_with_a_clear_error(
+    profile: BootProfile, data: st.DataObject
+) -> None:
+    text = dump_profile(profile)
+    assert parse_profile(text) == [Read(r.offset, r.length) for r in profile.reads]
+    cut = data.draw(st.integers(0, len(text) - 1))
+    with pytest.raises(ValueError, match=r"\S"):  # ProfileError once the magic is whole
+        parse_profile(text[:cut])
+    # Any change after the header (read lines, the end line) fails the checksum or the count.
+    body = text.index(f"\nreads {len(profile.reads)}\n") + 1
+    at = data.draw(st.integers(body + len(f"reads {len(profile.reads)}\n"), len(text) - 2))
+    new = data.draw(st.characters(codec=None).filter(lambda c: c != text[at]))
+    with pytest.raises(ValueError, match=r"\S"):
+        parse_recorded(text[:at] + new + text[at + 1:])
+
+
+@pytest.mark.parametrize("text, why", [
+    ("", "neither the recorded format nor JSON"),
+    ("{not json", "neither the recorded format nor JSON"),
+    ("[" * 100_000, "neither the recorded format nor JSON"),
+    ("{}", "needs a 'reads' list"),
+    ('{"reads": {"offset": 0, "length": 1}}', "list of reads, not dict"),
+    ("[[-1, 4096]]", "offset >= 0"),
+    ("[[0, 0]]", "length > 0"),
+    ('[{"offset": 0}]', "integer offset"),
+    ('[{"offset": "0", "length": "1"}]', "integer offset"),
+    ('[[true, 1]]', "integer offset"),
+    ("[[0.5, 1]]", "integer offset"),
+    ("[[1e400, 1]]", "integer offset"),
+    ("[[0, NaN]]", "integer offset"),
+    ("[42]", "read 0 of the boot profile is not"),
+    ("vmthunder-boot-profile 1\n", "truncated: missing image-size"),
+    ("vmthunder-boot-profile 2\n", "not a boot profile v1"),
+    (b"\xff\xfe[]", "not UTF-8"),
+])
+def test_a_bad_profile_gets_a_value_error_saying_what_is_wrong(text: str | bytes, why: str) -> None:
+    with pytest.raises(ValueError, match=why.replace("[", r"\[").replace("(", r"\(")):
+        parse_profile(text)
+
+
+def test_recorded_header_with_nan_or_unicode_digits_is_rejected() -> None:
+    good = dump_profile(BootProfile(1 << 20, "ab" * 32, "tcg", 1.0, 2.0,
+                                    (RecordedRead(0, 4096, 5),)))
+    with pytest.raises(ProfileError, match="out of range"):
+        parse_recorded(good.replace("gap-scale 1.0", "gap-scale nan"))
+    with pytest.raises(ProfileError, match="out of range"):
+        parse_recorded(good.replace("boot-seconds 2.000", "boot-seconds inf"))
+    # "²" passes str.isdigit() but not int(): a line error, not a bare int() failure.
+    lines = good.split("\n")
+    lines[7] = "0 4096 5²"
+    from vmthunder.lab.profile import _records_digest
+    lines[8] = f"end {_records_digest(lines[7:8])}"
+    with pytest.raises(ProfileError, match="expected '<offset> <length> <gap_us>'"):
+        parse_recorded("\n".join(lines))
