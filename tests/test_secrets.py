@@ -98,7 +98,7 @@ def test_iscsiadm_timeout_setting_a_chap_password_does_not_chain_the_command_lin
         kwargs["timeout"] = min(kwargs.get("timeout") or 60, 1.0)
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(iscsi.subprocess, "run", quick)
+    monkeypatch.setattr(subprocess, "run", quick)
     e = login_error(monkeypatch, "node.session.auth.password", mode="sleep")
     assert "timed out" in str(e) and "node.session.auth.password" in str(e)
     assert e.__cause__ is None and e.__suppress_context__

@@ -38,7 +38,9 @@ def unsupported_reason(cap: csi_pb2.VolumeCapability) -> str | None:
     if not cap.HasField("access_mode"):
         return "access mode is missing"
     if cap.access_mode.mode not in SUPPORTED_MODES:
-        name = AccessMode.Mode.Name(cap.access_mode.mode)
+        mode = cap.access_mode.mode
+        # proto3 enums are open: a mode newer than our csi.proto (or garbage) has no name.
+        name = AccessMode.Mode.Name(mode) if mode in AccessMode.Mode.values() else str(mode)
         return f"access mode {name} is not supported: a volume lives on one node"
     if cap.HasField("mount") and cap.mount.fs_type and cap.mount.fs_type not in FS_TYPES:
         return f"fs_type {cap.mount.fs_type!r} is not one of {sorted(FS_TYPES)}"

@@ -21,6 +21,7 @@ from vmthunder.csi.names import (
     LABEL_IMAGE_CACHE,
     LABEL_NODE,
     VERSION,
+    is_object_name,
     replica_name,
 )
 
@@ -146,6 +147,8 @@ class KubeState:
                 yield str(event["type"]), Volume.from_object(obj)
 
     def delete_volume(self, volume_id: str) -> None:
+        if not is_object_name(volume_id):
+            return  # no such object can exist (and "." would name the collection)
         try:
             self.custom.delete_cluster_custom_object(GROUP, VERSION, IMAGE_VOLUMES, volume_id)
         except ApiException as e:
@@ -226,6 +229,8 @@ class KubeState:
         }
 
     def node(self, name: str) -> NodeInfo | None:
+        if not is_object_name(name):
+            return None
         try:
             node = self.core.read_node(name)
         except ApiException as e:
@@ -247,6 +252,10 @@ class KubeState:
         return nodes
 
     def _get(self, plural: str, name: str) -> dict[str, Any] | None:
+        """The object, or None if it does not exist or `name` cannot name one (a request's
+        id or parameter is no API path: "." would read the whole list)."""
+        if not is_object_name(name):
+            return None
         try:
             obj = cast(dict[str, Any], self.custom.get_cluster_custom_object(
                 GROUP, VERSION, plural, name

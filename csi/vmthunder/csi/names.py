@@ -43,6 +43,8 @@ PARAM_RESERVED_PREFIX: Final = "csi.storage.k8s.io/"
 USABLE_REPLICA_PHASES: Final = frozenset({"Attached", "Hydrating", "Hydrated", "Detached"})
 
 _VOLUME_ID = re.compile(r"^[0-9a-f]{32}$")
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_OBJECT_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 
 
 def volume_id_for(request_name: str) -> str:
@@ -52,3 +54,9 @@ def volume_id_for(request_name: str) -> str:
 
 def is_volume_id(value: str) -> bool:
     return _VOLUME_ID.match(value) is not None
+
+
+def is_object_name(value: str) -> bool:
+    """A DNS subdomain, the only name a cluster-scoped object or a Node can have. Anything
+    else must not reach an API path: "." or ".." there names the whole collection."""
+    return len(value) <= 253 and _OBJECT_NAME.fullmatch(value) is not None
