@@ -20,7 +20,7 @@ from vmthunder.node.agent import (
     plan_status,
 )
 from vmthunder.node.cache import CacheState
-from vmthunder.node.hydrate import UNLIMITED, Hydrator, Upstream, upstream_of
+from vmthunder.node.hydrate import UNLIMITED, Hydrator, Upstream, hydration_order, upstream_of
 from vmthunder.node.iscsi import TargetAddress
 
 CACHE_SPEC = {"source": {"iscsi": {"portal": "10.0.0.2", "iqn": "iqn.2026-11.io.x:gold"}}}
@@ -87,13 +87,18 @@ def test_images_without_a_replica_are_removed() -> None:
     assert plan_removals({"a", "b"}, {"b", "c"}) == {"a"}
 
 
-def test_upstream_limits_a_child_to_what_its_parent_has_prefetched() -> None:
+def test_upstream_limits_a_child_to_what_its_parent_holds_in_order() -> None:
     assert upstream_of(True, None) == UNLIMITED
     assert upstream_of(False, {"phase": "Hydrated"}) == UNLIMITED
-    assert upstream_of(False, {"phase": "Detached", "prefetchedRegions": 3}) == UNLIMITED
-    assert upstream_of(False, {"phase": "Hydrating", "prefetchedRegions": 40}) == Upstream(
+    assert upstream_of(False, {"phase": "Detached", "hydratedInOrder": 3}) == UNLIMITED
+    assert upstream_of(False, {"phase": "Hydrating", "hydratedInOrder": 40}) == Upstream(
         40, False)
     assert upstream_of(False, None) == Upstream(0, False)  # parent not reporting yet: wait
+
+
+def test_hydration_order_is_the_profile_then_every_other_region_ascending() -> None:
+    assert hydration_order([5, 2, 7], 8) == [5, 2, 7, 0, 1, 3, 4, 6]
+    assert hydration_order([], 3) == [0, 1, 2]
 
 
 class RecordingBackend:
@@ -110,8 +115,7 @@ class RecordingBackend:
         self.background = threading.Event()
 
     def observe(self, image: str) -> CacheState:
-        return CacheState("caching", len(set(self.hydrated)), self.total, 65536,
-                          self.total * 65536)
+        return CacheState("caching", 0, self.total, 65536, self.total * 65536)
 
     def hydrate(self, image: str, regions: Sequence[int], region_bytes: int, size: int,
                 queue_depth: int) -> int:
@@ -122,25 +126,28 @@ class RecordingBackend:
         self.background.set()
 
 
-def test_a_non_caching_child_never_prefetches_past_its_parent_nor_starts_background_early(
+def test_a_non_caching_child_walks_behind_its_parent_and_sweeps_only_once_it_is_complete(
 ) -> None:
-    be = RecordingBackend(total=1000)
-    profile = list(range(500, 0, -1))
-    h = Hydrator("img", be, size=1000 * 65536, region_bytes=65536,  # type: ignore[arg-type]
+    total = 1000
+    be = RecordingBackend(total)
+    profile = list(range(300, 100, -1))
+    order = hydration_order(profile, total)
+    h = Hydrator("img", be, size=total * 65536, region_bytes=65536,  # type: ignore[arg-type]
                  profile=profile, queue_depth=1, throttle=0, upstream=Upstream(0, False))
     h._stats = lambda name: None  # type: ignore[method-assign]  # no dm-stats here
     h.start()
     try:
-        for parent_has in (0, 70, 300):
+        # The parent's progress, within the prefetch, across its end, and in the background.
+        for parent_has in (0, 70, 350, 900):
             h.upstream = Upstream(parent_has, False)
-            wait_for(f"prefetch to {parent_has}", lambda: h.prefetched == parent_has,  # noqa: B023
-                     timeout=10)
+            wait_for(f"walk to {parent_has}",
+                     lambda: h.hydrated_in_order == parent_has, timeout=10)  # noqa: B023
             time.sleep(0.7)  # more than a pacing step: it stays where the parent is
-            assert h.prefetched == parent_has and be.hydrated == profile[:parent_has]
+            assert h.hydrated_in_order == parent_has and be.hydrated == order[:parent_has]
         assert not be.background.is_set()
-        h.upstream = Upstream(300, True)  # parent complete: the rest, then the background
-        wait_for("background hydration", be.background.is_set, timeout=10)
-        assert be.hydrated == profile
+        h.upstream = Upstream(900, True)  # parent complete: the rest, then the kernel's sweep
+        wait_for("the kernel's sweep", be.background.is_set, timeout=10)
+        assert be.hydrated == order
     finally:
         h.stop()
         h.join(5)

@@ -113,7 +113,7 @@ def test_prefetch_hydrates_the_profile_and_origin_serves_about_the_read_set(tree
         ld.local(tree.g(role), "hydrate", {**tree.base(), "regions": order, "queue_depth": 8})
 
     # dm-clone does not keep what it reads, so a child prefetches only what its parent already
-    # has (the agent paces by the parent's prefetchedRegions; here a level at a time).
+    # has (the agent paces by the parent's hydratedInOrder; here a level at a time).
     for level in ("A", "BDE", "C"):
         with ThreadPoolExecutor(len(level)) as pool:
             list(pool.map(prefetch, level))

@@ -71,7 +71,7 @@ def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tup
     return tuple(sorted(set(out)))
 
 
-def plan_phase(cache: CacheState, has_parent: bool, hydrator_prefetched: int,
+def plan_phase(cache: CacheState, has_parent: bool, hydrated_in_order: int,
                error: str | None) -> str:
     if error:
         return "Failed"
@@ -81,7 +81,7 @@ def plan_phase(cache: CacheState, has_parent: bool, hydrator_prefetched: int,
         return "Attaching" if has_parent else "Pending"
     if cache.complete:
         return "Hydrated"
-    if cache.hydrated == 0 and hydrator_prefetched == 0:
+    if cache.hydrated == 0 and hydrated_in_order == 0:
         return "Attached"
     return "Hydrating"
 
@@ -92,7 +92,7 @@ class Report:
     cache: CacheState
     bytes_from_parent: int
     bytes_served: int
-    prefetched: int
+    hydrated_in_order: int
     export: TargetAddress
     attached_parent: str
     initiator: str
@@ -123,7 +123,7 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
         "totalRegions": total,
         "bytesFromParent": max(prev_from, r.bytes_from_parent),
         "bytesServed": max(prev_served, r.bytes_served),
-        "prefetchedRegions": r.prefetched,
+        "hydratedInOrder": r.hydrated_in_order,
         "exportAddress": {"portal": r.export.portal, "iqn": r.export.iqn, "lun": r.export.lun},
         "attachedParent": r.attached_parent,
         "heartbeat": stamp,
@@ -286,10 +286,10 @@ class Agent:
         if cache.kind == "caching" and parent is not None and dm.exists(names.src_dev(image)):
             attached = str(spec["parent"])
         rep = Report(
-            phase=plan_phase(cache, parent is not None, h.prefetched if h else 0,
+            phase=plan_phase(cache, parent is not None, h.hydrated_in_order if h else 0,
                              h.error if h else None),
             cache=cache, bytes_from_parent=c.bytes_from_parent, bytes_served=c.bytes_served,
-            prefetched=h.prefetched if h else 0,
+            hydrated_in_order=h.hydrated_in_order if h else 0,
             export=TargetAddress(f"{self.export_ip}:3260", names.export_iqn(image, self.node)),
             attached_parent=attached, initiator=self.initiator,
             message=(h.error if h and h.error else message),

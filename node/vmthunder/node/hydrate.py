@@ -1,6 +1,7 @@
 """Prefetch in boot-profile order, hydration of what is read, background hydration.
 
-Every node replays the same profile in the same order, so a parent stays ahead of its children.
+Every node walks the same order (the profile's regions, then the rest), so a parent stays
+ahead of its children.
 """
 
 from __future__ import annotations
@@ -101,13 +102,20 @@ def background_threshold(throttle_bytes_per_second: int, region_bytes: int) -> i
     return max(1, min(256, throttle_bytes_per_second // 20 // region_bytes))
 
 
+def hydration_order(profile: Sequence[int], total: int) -> list[int]:
+    """The order every node hydrates in: the boot profile's regions, then the rest ascending.
+    One order for all, so "the first k regions" means the same bytes on every node."""
+    seen = set(profile)
+    return [*profile, *(r for r in range(total) if r not in seen)]
+
+
 @dataclass(frozen=True)
 class Upstream:
     """What the parent holds, as its replica's status last said. A cache that does not keep
     what it reads (dm-clone) must not read ahead of its parent: such a read passes through the
     parent to the origin, and the region crosses the origin's link once more."""
 
-    prefetched: int | None = None  # profile regions the parent has; None: no limit
+    hydrated_in_order: int | None = None  # the parent holds order[:n]; None: no limit
     complete: bool = True  # the parent holds the whole image (or is the origin)
 
 
@@ -120,15 +128,16 @@ def upstream_of(parent_is_origin: bool, parent_status: Mapping[str, Any] | None)
     st = parent_status or {}
     if st.get("phase") in ("Hydrated", "Detached"):
         return UNLIMITED
-    return Upstream(int(st.get("prefetchedRegions", 0)), False)
+    return Upstream(int(st.get("hydratedInOrder", 0)), False)
 
 
 class Hydrator(threading.Thread):
-    """One image: prefetch the profile, then keep read regions local, then the background.
+    """One image: walk the hydration order (prefetch, then background), keep read regions local.
 
-    Every node prefetches the same regions in the same order; `upstream` (kept current by the
-    agent) holds a non-caching backend behind its parent: prefetch no further than the parent
-    has, background hydration only once the parent is complete."""
+    The walk publishes its progress (`hydrated_in_order`); `upstream` (kept current by the
+    agent from the parent's status) holds a backend that does not cache reads behind its
+    parent, so a tree hydrates as a pipeline, each region crossing each link once. dm-clone's
+    own background hydration sweeps up at the end whatever a restart skipped."""
 
     def __init__(self, image: str, backend: CacheBackend, *, size: int, region_bytes: int,
                  profile: Sequence[int], queue_depth: int, throttle: int,
@@ -142,7 +151,7 @@ class Hydrator(threading.Thread):
         self.queue_depth = queue_depth
         self.throttle = throttle
         self.upstream = upstream
-        self.prefetched = 0
+        self.hydrated_in_order = 0
         self.prefetch_seconds = 0.0
         self.background_started = False
         self.error: str | None = None
@@ -158,74 +167,67 @@ class Hydrator(threading.Thread):
             log.exception("hydration of %s failed", self.image)
             self.error = f"{type(e).__name__}: {e}"
 
-    def _limit(self) -> Upstream:
-        return UNLIMITED if self.backend.caches_reads else self.upstream
+    def _limit(self) -> int | None:
+        up = self.upstream
+        return None if self.backend.caches_reads or up.complete else up.hydrated_in_order
 
     def _run(self) -> None:
         name = names.cache_dev(self.image)
         stats_id = self._stats(name)
-        if not self._prefetch():
-            return
-        next_region = 0
-        total = -(-self.size // self.region_bytes)
+        order = hydration_order(self.profile, -(-self.size // self.region_bytes))
+        self.hydrated_in_order = self._resume(len(order))
+        t0 = time.monotonic()
+        looked = 0.0
         while not self.stopping.is_set():
-            st = self.backend.observe(self.image)
-            if st.kind != "caching" or st.complete:
-                return
-            if stats_id is not None:
-                areas = dm.stats_print(name, stats_id, clear_after=True)
-                hot = plan_read_regions(areas, self.region_bytes)
-                if hot:
-                    self.backend.hydrate(self.image, hot, self.region_bytes, self.size,
-                                         self.queue_depth)
-            if not self._limit().complete:
+            # Looking at the device costs dmsetup calls (slow in a TCG guest): every few seconds.
+            if time.monotonic() - looked > 5:
+                st = self.backend.observe(self.image)
+                if st.kind != "caching" or st.complete:
+                    return
+                looked = time.monotonic()
+                if stats_id is not None:
+                    hot = plan_read_regions(dm.stats_print(name, stats_id, clear_after=True),
+                                            self.region_bytes)
+                    if hot:
+                        self.backend.hydrate(self.image, hot, self.region_bytes, self.size,
+                                             self.queue_depth)
+            done = self.hydrated_in_order
+            prefetching = done < len(self.profile)
+            if done >= len(order):
+                self._sweep()
                 self.stopping.wait(0.5)
                 continue
-            if self.backend.kernel_background:
-                if not self.background_started:
-                    self.backend.start_background(
-                        self.image, background_threshold(self.throttle, self.region_bytes))
-                    self.background_started = True
-            elif next_region < total:
-                # The agent is the background: a slice per round, within the throttle.
-                per_round = (max(1, self.throttle // self.region_bytes) if self.throttle
-                             else 256)
-                chunk = list(range(next_region, min(total, next_region + per_round)))
-                self.backend.hydrate(self.image, chunk, self.region_bytes, self.size,
-                                     self.queue_depth)
-                next_region += len(chunk)
-                self.background_started = True
-                if self.throttle:
-                    self.stopping.wait(1.0)
-                continue
-            self.stopping.wait(0.5)
-
-    def _prefetch(self) -> bool:
-        """Hydrates the profile in order, in batches, never past the parent. False: stop."""
-        t0 = time.monotonic()
-        batch = max(self.queue_depth * 16, 64)
-        checked = 0.0
-        while self.prefetched < len(self.profile):
-            if self.stopping.is_set():
-                return False
-            # Looking at the device costs dmsetup calls (slow in a TCG guest): every few seconds.
-            if time.monotonic() - checked > 5:
-                if self.backend.observe(self.image).kind != "caching":
-                    return False
-                checked = time.monotonic()
+            batch = (max(self.queue_depth * 16, 64) if prefetching
+                     else max(1, self.throttle // self.region_bytes) if self.throttle else 256)
             limit = self._limit()
-            up = None if limit.complete else limit.prefetched
-            end = min(len(self.profile), self.prefetched + batch,
-                      len(self.profile) if up is None else up)
-            if end <= self.prefetched:
+            end = min(len(order), done + batch, len(self.profile) if prefetching else len(order),
+                      len(order) if limit is None else limit)
+            if end <= done:
                 self.stopping.wait(0.5)  # the parent is behind: its next report moves us on
                 continue
-            chunk = self.profile[self.prefetched:end]
-            self.backend.hydrate(self.image, chunk, self.region_bytes, self.size,
+            self.backend.hydrate(self.image, order[done:end], self.region_bytes, self.size,
                                  self.queue_depth)
-            self.prefetched = end
-        self.prefetch_seconds = time.monotonic() - t0
-        return True
+            self.hydrated_in_order = end
+            if prefetching and end >= len(self.profile):
+                self.prefetch_seconds = time.monotonic() - t0
+            if not prefetching and self.throttle:
+                self.stopping.wait(1.0)
+
+    def _resume(self, total: int) -> int:
+        """Where a new walk starts. From scratch unless the kernel already holds more than the
+        profile (an agent restart): then at the count it holds. What that skips (regions held
+        out of order) dm-clone's own sweep hydrates at the end."""
+        if not self.backend.kernel_background:
+            return 0
+        held = self.backend.observe(self.image).hydrated
+        return min(held, total) if held > len(self.profile) else 0
+
+    def _sweep(self) -> None:
+        if (self.backend.kernel_background and not self.background_started
+                and self._limit() is None):
+            self.backend.start_background(
+                self.image, background_threshold(self.throttle, self.region_bytes))
+            self.background_started = True
 
     def _stats(self, name: str) -> int | None:
         if self.backend.name != "dm-clone":
