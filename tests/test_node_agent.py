@@ -12,6 +12,7 @@ from waiting import wait_for
 from vmthunder.node import names
 from vmthunder.node.agent import (
     INITIATOR_CONDITION,
+    Agent,
     Report,
     children_initiators,
     parent_address,
@@ -151,3 +152,26 @@ def test_a_non_caching_child_walks_behind_its_parent_and_sweeps_only_once_it_is_
     finally:
         h.stop()
         h.join(5)
+
+
+class ProfileKube:
+    def __init__(self, text: str | None, error: Exception | None = None) -> None:
+        self.text, self.error = text, error
+
+    def profile(self, ref: object) -> str | None:
+        if self.error:
+            raise self.error
+        return self.text
+
+
+def test_an_unusable_boot_profile_costs_the_prefetch_not_the_replica() -> None:
+    def order(kube: ProfileKube) -> tuple[list[int], str | None]:
+        agent = Agent("n", kube, None, None, "10.0.0.1",  # type: ignore[arg-type]
+                      initiator="iqn.x:n")
+        return agent._prefetch_order("img", {"profileConfigMap": {"name": "p"}}, 65536, 1 << 20)
+
+    assert order(ProfileKube('[[0, 4096], [131072, 65536]]')) == ([0, 2], None)
+    for kube in (ProfileKube('[[0, "x"]]'), ProfileKube("vmthunder-boot-profile 1\ngarbage"),
+                 ProfileKube(None, OSError("no such ConfigMap"))):
+        regions, problem = order(kube)
+        assert regions == [] and problem and "without prefetch" in problem, problem

@@ -203,6 +203,7 @@ class Agent:
         self.multipath = multipath
         self.profile_file = profile_file
         self.hydrators: dict[str, Hydrator] = {}
+        self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
 
     def round(self) -> None:
         mine = self.kube.replicas(f"{LABEL_NODE}={self.node}")
@@ -292,7 +293,7 @@ class Agent:
             hydrated_in_order=h.hydrated_in_order if h else 0,
             export=TargetAddress(f"{self.export_ip}:3260", names.export_iqn(image, self.node)),
             attached_parent=attached, initiator=self.initiator,
-            message=(h.error if h and h.error else message),
+            message=(h.error if h and h.error else self.notes.get(image) or message),
         )
         status = plan_status(rep, r.get("status") or {}, datetime.now(UTC))
         self.kube.patch_status(r["metadata"]["name"], status)
@@ -316,16 +317,11 @@ class Agent:
         if cache.kind != "caching" or cache.complete or not has_parent:
             return h
         prefetch = cspec.get("prefetch") or {}
-        order: list[int] = []
-        if prefetch.get("enabled", True):
-            text = None
-            if self.profile_file:
-                with open(self.profile_file) as f:
-                    text = f.read()
-            else:
-                text = self.kube.profile(prefetch.get("profileConfigMap"))
-            if text:
-                order = plan_prefetch(parse_profile(text), region, size)
+        order, problem = self._prefetch_order(image, prefetch, region, size)
+        if problem:
+            self.notes[image] = problem
+        else:
+            self.notes.pop(image, None)
         throttle = int((cspec.get("hydration") or {}).get("throttleBytesPerSecond", 0))
         h = Hydrator(image, self.backend, size=size, region_bytes=region, profile=order,
                      queue_depth=int(prefetch.get("queueDepth", 8)), throttle=throttle,
@@ -333,6 +329,23 @@ class Agent:
         h.start()
         self.hydrators[image] = h
         return h
+
+    def _prefetch_order(self, image: str, prefetch: Mapping[str, Any], region: int,
+                        size: int) -> tuple[list[int], str | None]:
+        """The profile's regions in order, or none and why: a profile that cannot be read or
+        parsed costs the prefetch, not the replica (it still attaches and hydrates)."""
+        if not prefetch.get("enabled", True):
+            return [], None
+        try:
+            if self.profile_file:
+                with open(self.profile_file) as f:
+                    text: str | None = f.read()
+            else:
+                text = self.kube.profile(prefetch.get("profileConfigMap"))
+            return (plan_prefetch(parse_profile(text), region, size) if text else []), None
+        except Exception as e:  # ValueError (corrupt), OSError, ApiException (no ConfigMap)
+            log.warning("%s: boot profile unusable, hydrating without prefetch: %s", image, e)
+            return [], f"boot profile unusable, hydrating without prefetch: {e}"[:1000]
 
     def _report_failure(self, r: Mapping[str, Any], e: Exception) -> None:
         status = dict(r.get("status") or {})

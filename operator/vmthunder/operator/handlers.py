@@ -135,14 +135,19 @@ async def distribute(
             await asyncio.sleep(DEBOUNCE)  # fold a burst of changes into one pass
             trigger.clear()
             indexed = [r for r in state.replicas.values() if r.image_cache == name]
-            plan = plan_replicas(
-                name,
-                CacheSpec.from_spec(body.spec),
-                state.nodes.values(),
-                _replicas_as_written(state, name, indexed),
-                {v.node for v in state.volumes.values() if v.image_cache == name},
-                datetime.now(UTC),
-            )
+            try:
+                plan = plan_replicas(
+                    name,
+                    CacheSpec.from_spec(body.spec),
+                    state.nodes.values(),
+                    _replicas_as_written(state, name, indexed),
+                    {v.node for v in state.volumes.values() if v.image_cache == name},
+                    datetime.now(UTC),
+                )
+            except ValueError as e:  # a spec the schema should have refused: say so, wait
+                logger.error(f"cannot plan: {e}")
+                kopf.warn(body, reason="InvalidSpec", message=str(e)[:500])
+                continue
             try:
                 await state.writer.apply(plan, body)
             except Exception as e:  # keep the daemon alive; the next pass retries

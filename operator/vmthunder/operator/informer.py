@@ -70,7 +70,9 @@ class Informer(Generic[T]):
                 kwargs["_continue"] = token
             page = json.loads(self.list_call(**kwargs).data)
             for obj in page.get("items", []):
-                fresh[obj["metadata"]["name"]] = self.extract(obj)
+                item = self._extract(obj)
+                if item is not None:
+                    fresh[obj["metadata"]["name"]] = item
             token = page["metadata"].get("continue")
             if not token:
                 break
@@ -79,6 +81,16 @@ class Informer(Generic[T]):
             if old.get(key) != fresh.get(key):
                 self.on_change(old.get(key), fresh.get(key))
         return str(page["metadata"]["resourceVersion"])
+
+    def _extract(self, obj: Mapping[str, Any]) -> T | None:
+        """One object that cannot be read is left out (and logged), not a reason to stall
+        every plan behind a relist that fails forever."""
+        try:
+            return self.extract(obj)
+        except (KeyError, TypeError, ValueError) as e:
+            name = (obj.get("metadata") or {}).get("name")
+            log.warning(f"{self.name} informer: skipping {name}: {type(e).__name__}: {e}")
+            return None
 
     def _watch(self, version: str) -> str:
         try:
@@ -104,11 +116,10 @@ class Informer(Generic[T]):
                 continue
             name = obj["metadata"]["name"]
             old = self.items.get(name)
-            if event["type"] == "DELETED":
-                new = None
+            new = None if event["type"] == "DELETED" else self._extract(obj)
+            if new is None:
                 self.items.pop(name, None)
             else:
-                new = self.extract(obj)
                 self.items[name] = new
             if old != new:
                 self.on_change(old, new)
