@@ -34,7 +34,7 @@ def run_demo(args: argparse.Namespace) -> int:
     options = Options(
         nodes=args.nodes or DEFAULT_NODES, image=args.image, fanout=args.fanout or 2,
         origin_fanout=args.origin_fanout, gap_scale=args.gap_scale,
-        prefetch=not args.no_prefetch, rate_mbit=args.rate_mbit,
+        prefetch=not args.no_prefetch, real_boot=args.real_boot, rate_mbit=args.rate_mbit,
         hydrate_timeout=args.hydrate_timeout, results=Path(args.results),
     )
     try:
@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gap-scale", type=float, default=DEFAULT_GAP_SCALE,
                    help="factor on the recorded (TCG) compute gaps of the replayed boot")
     p.add_argument("--no-prefetch", action="store_true", help="on demand only")
+    p.add_argument("--real-boot", action="store_true",
+                   help="boot the golden image for real (qemu TCG on the host, disk = the "
+                        "node's published volume over NBD) instead of replaying its recorded "
+                        "boot; for small N")
     p.add_argument("--rate-mbit", type=int, default=DEFAULT_RATE_MBIT,
                    help="lab link rate standing for 1 Gbit/s")
     p.add_argument("--hydrate-timeout", type=float, default=240,

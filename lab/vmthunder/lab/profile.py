@@ -35,7 +35,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -227,6 +227,36 @@ def reads_from_trace(lines: Iterable[str], until_us: int | None = None) -> tuple
     return tuple(out)
 
 
+def boot_vm(drive: str, serial: Path, *, timeout: float = 600, mem_mib: int = 512,
+            extra: Sequence[str] = ()) -> float:
+    """Boots a VM under qemu TCG from `drive` (a qemu -drive file=, e.g. a path or
+    nbd://host:port) until its console prints BOOT_MARKER; returns that moment (time.time())."""
+    serial.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [
+            "qemu-system-x86_64", "-accel", "tcg", "-m", str(mem_mib), "-smp", "1",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-serial", f"file:{serial}",
+            "-drive", f"file={drive},if=virtio,format=raw", *extra,
+        ],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    t0 = time.time()
+    try:
+        while time.time() - t0 < timeout:
+            if BOOT_MARKER in (serial.read_text(errors="replace") if serial.exists() else ""):
+                return time.time()
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    tail = serial.read_text(errors="replace")[-2000:] if serial.exists() else ""
+    raise ProfileError(f"{drive}: no {BOOT_MARKER} within {timeout:.0f}s; serial: {tail}; "
+                       f"qemu: {err.decode(errors='replace')[-1000:]}")
+
+
 def record_boot_profile(
     image: Path, out: Path, timeout: float = 600, mem_mib: int = 512
 ) -> BootProfile:
@@ -234,34 +264,11 @@ def record_boot_profile(
     work = out.parent / f".{out.name}.rec"
     work.mkdir(parents=True, exist_ok=True)
     trace, serial = work / "trace.log", work / "serial.log"
-    for f in (trace, serial):
-        f.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [
-            "qemu-system-x86_64", "-accel", "tcg", "-m", str(mem_mib), "-smp", "1",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-serial", f"file:{serial}",
-            "-drive", f"file={image},if=virtio,format=raw,snapshot=on",
-            "-trace", "enable=blk_co_preadv", "-D", str(trace), "-msg", "timestamp=on",
-        ],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    trace.unlink(missing_ok=True)
     t0 = time.time()
-    booted_at: float | None = None
-    try:
-        while time.time() - t0 < timeout:
-            if BOOT_MARKER in (serial.read_text(errors="replace") if serial.exists() else ""):
-                booted_at = time.time()
-                break
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-    finally:
-        proc.kill()
-        proc.wait()
-    if booted_at is None:
-        tail = serial.read_text(errors="replace")[-2000:] if serial.exists() else ""
-        raise ProfileError(f"{image}: no {BOOT_MARKER} within {timeout:.0f}s; serial: {tail}")
+    booted_at = boot_vm(f"{image},snapshot=on", serial, timeout=timeout, mem_mib=mem_mib,
+                        extra=["-trace", "enable=blk_co_preadv", "-D", str(trace),
+                               "-msg", "timestamp=on"])
     reads = reads_from_trace(trace.read_text().splitlines(), until_us=int(booted_at * 1e6))
     h = hashlib.sha256()
     with open(image, "rb") as img:

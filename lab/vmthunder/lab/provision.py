@@ -50,6 +50,7 @@ TOPOLOGY_KEY = "topology.vmthunder.io/node"
 ORIGIN = "@origin"
 CACHE_DIR = "/var/lib/vmthunder"
 CSI_SOCKET = "/run/csi/csi.sock"
+REAL_BOOT_NBD_PORT = 10809
 USABLE = ("Attached", "Hydrating", "Hydrated", "Detached")
 HYDRATED = ("Hydrated", "Detached")
 
@@ -66,6 +67,7 @@ class Options:
     origin_fanout: int = 1
     gap_scale: float = DEFAULT_GAP_SCALE
     prefetch: bool = True
+    real_boot: bool = False  # boot the golden image in qemu on the host from the node's volume
     rate_mbit: int = DEFAULT_RATE_MBIT
     hydrate_timeout: float = 240.0  # how long to wait for every cache to be complete
     boot_timeout: float = 600.0
@@ -552,7 +554,12 @@ class Rig:
                     setattr(nr, key, None if stamp is None else stamp - t0)
                 nr.reads = int(out["reads"])
                 nr.read_error = out["error"]
-                nr.sha_ok = out["sha256"] == expected and out["error"] is None
+                if o.real_boot:
+                    if out["error"] is None:
+                        nr.booted = self._real_boot(g, int(out["nbd_port"])) - t0
+                    nr.sha_ok = out["error"] is None  # the image booted to its marker
+                else:
+                    nr.sha_ok = out["sha256"] == expected and out["error"] is None
             except Exception as e:  # one node's failure is reported, the others go on
                 nr.read_error = f"{type(e).__name__}: {e}"
                 errors.append(f"{g.name}: {e}")
@@ -623,7 +630,18 @@ class Rig:
         cmd = (f"{_env()} {_py()} -m vmthunder.lab.replay kubelet --socket {CSI_SOCKET} "
                f"--volume-id {volume_id} --context \"$(echo {ctx} | base64 -d)\" "
                f"--profile {self.profile_path} --scale {self.options.gap_scale}")
+        if self.options.real_boot:
+            cmd += f" --serve-nbd {REAL_BOOT_NBD_PORT}"
         return boot_output(g, cmd, f"vmt-boot-{volume_id[:12]}", self.options.boot_timeout)
+
+    def _real_boot(self, g: Guest, port: int) -> float:
+        """The golden image booted for real: qemu (TCG) on the host, its disk the node's
+        published volume over NBD through the lab network; returns when the VM's console
+        prints its boot marker (host clock)."""
+        from vmthunder.lab.profile import boot_vm
+
+        return boot_vm(f"nbd://{g.ip}:{port},cache=none", self.workdir / f"{g.name}.serial",
+                       timeout=self.options.boot_timeout)
 
     def _monitor(self, image: str, run: Run, runs: dict[str, NodeRun], t0: float,
                  origin0: int, stop: threading.Event) -> None:
@@ -772,9 +790,13 @@ def report(run: Run, out: TextIO = sys.stdout) -> None:
 
     s = run.summary()
     pf = run.profile
-    print(f"\nmode: replayed boot ({pf['reads']} reads, {pf['unique_bytes'] / 1e6:.1f} MB of the "
-          f"image, compute gaps x{pf['gap_scale']:g} of the TCG recording = "
-          f"{pf['scaled_compute_seconds']:.1f} s), {run.mode}, N={run.n}", file=out)
+    if run.options.get("real_boot"):
+        print(f"\nmode: real boot (the golden image in qemu TCG on the host, its disk the "
+              f"node's published volume over NBD), {run.mode}, N={run.n}", file=out)
+    else:
+        print(f"\nmode: replayed boot ({pf['reads']} reads, {pf['unique_bytes'] / 1e6:.1f} MB "
+              f"of the image, compute gaps x{pf['gap_scale']:g} of the TCG recording = "
+              f"{pf['scaled_compute_seconds']:.1f} s), {run.mode}, N={run.n}", file=out)
     parents = {n.node: n.parent for n in run.nodes if n.parent}
     notes = {n.node: f"depth {n.depth}  {n.phase}" for n in run.nodes}
     print("\ntree (planned by the operator):", file=out)

@@ -11,7 +11,9 @@ kubelet path)::
 
     python -m vmthunder.lab.replay device --device /dev/sda --profile P --scale 0.1
     python -m vmthunder.lab.replay kubelet --socket /run/csi/csi.sock --volume-id ID \
-        --context '{"imageCache": "golden"}' --profile P --scale 0.1
+        --context '{"imageCache": "golden"}' --profile P --scale 0.1 [--serve-nbd PORT]
+
+(--serve-nbd: the real-boot mode; the published device is served to a VM on the host.)
 
 and prints one JSON line: wall-clock stamps (the guest's CLOCK_REALTIME; the host corrects
 them by the guest's measured clock offset), the sha256 of every byte the boot read (in read
@@ -106,6 +108,20 @@ def replay(device: str, steps: Sequence[Step]) -> dict[str, Any]:
     return out
 
 
+def serve_nbd(device: str, port: int) -> dict[str, Any]:
+    """The real-boot path: hands the published device to a VM on the host over NBD (the
+    host's qemu is the VM; the guest only serves). Returns once qemu-nbd listens."""
+    import subprocess
+
+    p = subprocess.run(["qemu-nbd", "--fork", "--persistent", "--shared=2", "--format=raw",
+                        "--cache=none", "--bind=0.0.0.0", f"--port={port}", device],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, timeout=60, check=False, start_new_session=True)
+    err = None if p.returncode == 0 else f"qemu-nbd: {p.stderr.decode(errors='replace')[-500:]}"
+    return {"device": device, "nbd_port": port, "error": err, "reads": 0, "t_first_byte": None,
+            "t_booted": None, "sha256": None}
+
+
 def _kubelet(a: argparse.Namespace, steps: Sequence[Step]) -> dict[str, Any]:
     """NodeStage then NodePublish of a block volume, as kubelet does before it starts the
     VM's pod; then the boot through the published path."""
@@ -144,7 +160,7 @@ def _kubelet(a: argparse.Namespace, steps: Sequence[Step]) -> dict[str, Any]:
         volume_id=a.volume_id, staging_target_path=staging, target_path=target,
         volume_capability=block, volume_context=context), timeout=60)
     t_published = time.time()
-    out = replay(target, steps)
+    out = serve_nbd(target, a.serve_nbd) if a.serve_nbd else replay(target, steps)
     out.update(t_kubelet=t0, t_staged=t_staged, t_published=t_published,
                stage_attempts=stage_attempts, target=target)
     return out
@@ -160,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--volume-id", required=True)
     k.add_argument("--context", default="{}")
     k.add_argument("--stage-timeout", type=float, default=600)
+    k.add_argument("--serve-nbd", type=int, default=0, metavar="PORT",
+                   help="instead of replaying, serve the published device over NBD (real boot)")
     for x in (d, k):
         x.add_argument("--profile", required=True)
         x.add_argument("--scale", type=float, default=DEFAULT_GAP_SCALE)
