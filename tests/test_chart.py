@@ -202,7 +202,7 @@ def test_the_rendered_operator_csi_and_agent_command_lines_parse_with_the_cli(
     assert (ctl.mode, ctl.endpoint, ctl.metrics_port) == (
         "controller", "unix:///csi/csi.sock", 9091)
     assert (node.mode, node.node_id, node.metrics_port) == ("node", "node-a", 9818)
-    assert (agent.node, agent.export_ip) == ("node-a", "10.1.2.3")
+    assert (agent.node, agent.export_ip, agent.metrics_port) == ("node-a", "10.1.2.3", 9819)
 
 
 def test_driver_name_of_the_chart_is_the_drivers_own() -> None:

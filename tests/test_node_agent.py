@@ -175,3 +175,24 @@ def test_an_unusable_boot_profile_costs_the_prefetch_not_the_replica() -> None:
                  ProfileKube(None, OSError("no such ConfigMap"))):
         regions, problem = order(kube)
         assert regions == [] and problem and "without prefetch" in problem, problem
+
+
+def test_the_metrics_collector_renders_each_images_last_status() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from vmthunder.node.metrics import ReplicaCollector
+
+    statuses = {"gold": {"phase": "Hydrating", "hydratedRegions": 3, "totalRegions": 10,
+                         "bytesFromParent": 196608, "bytesServed": 65536}}
+    registry = CollectorRegistry()
+    registry.register(ReplicaCollector(lambda: statuses))
+    text = generate_latest(registry).decode()
+    for line in ('vmthunder_agent_hydrated_regions{image="gold"} 3.0',
+                 'vmthunder_agent_total_regions{image="gold"} 10.0',
+                 'vmthunder_agent_bytes_from_parent_total{image="gold"} 196608.0',
+                 'vmthunder_agent_bytes_served_total{image="gold"} 65536.0',
+                 'vmthunder_agent_replica_phase{image="gold",phase="Hydrating"} 1.0',
+                 'vmthunder_agent_replica_phase{image="gold",phase="Hydrated"} 0.0'):
+        assert line in text.splitlines(), text
+    statuses.clear()  # a replica that went away leaves no series behind
+    assert "gold" not in generate_latest(registry).decode()

@@ -8,11 +8,14 @@ the 768 MiB golden image down a two-node chain), more when the machine is shared
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from vmthunder.lab.provision import (
+    AGENT_METRICS_PORT,
+    CSI_NODE_METRICS_PORT,
     ORIGIN,
     NodeRun,
     Options,
@@ -91,3 +94,31 @@ def test_origin_serves_about_one_image_and_every_cache_completes_and_detaches(
     # The child read the image from its parent, not from the origin.
     child = next(n for n in r.nodes if n.depth == 2)
     assert child.bytes_from_parent >= 0.95 * size
+
+
+def _scrape(ip: str, port: int) -> dict[str, float]:
+    """One Prometheus scrape over the lab network: series (name{labels}) -> value."""
+    with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+@pytest.mark.lab
+@pytest.mark.apiserver
+def test_each_node_agent_and_csi_node_plugin_export_their_metrics(
+        run: tuple[Rig, Run]) -> None:
+    rig, r = run
+    for g in rig.lab.nodes:
+        agent = _scrape(g.ip, AGENT_METRICS_PORT)
+        total = agent['vmthunder_agent_total_regions{image="golden"}']
+        assert total > 0 and agent['vmthunder_agent_hydrated_regions{image="golden"}'] == total
+        assert agent['vmthunder_agent_replica_phase{image="golden",phase="Detached"}'] == 1
+        assert agent['vmthunder_agent_replica_phase{image="golden",phase="Failed"}'] == 0
+        node = next(n for n in r.nodes if n.node == g.name)
+        assert agent['vmthunder_agent_bytes_from_parent_total{image="golden"}'] >= (
+            node.bytes_from_parent)
+        assert agent["vmthunder_agent_round_seconds_count"] > 0
+        csi = _scrape(g.ip, CSI_NODE_METRICS_PORT)
+        for method in ("NodeStageVolume", "NodePublishVolume"):
+            assert csi[f'vmthunder_csi_call_seconds_count{{code="OK",method="{method}"}}'] >= 1

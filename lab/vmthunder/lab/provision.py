@@ -50,6 +50,9 @@ TOPOLOGY_KEY = "topology.vmthunder.io/node"
 ORIGIN = "@origin"
 CACHE_DIR = "/var/lib/vmthunder"
 CSI_SOCKET = "/run/csi/csi.sock"
+# The chart's default metrics ports (values.yaml: node.csiMetricsPort, node.agentMetricsPort)
+CSI_NODE_METRICS_PORT = 9818
+AGENT_METRICS_PORT = 9819
 REAL_BOOT_NBD_PORT = 10809
 USABLE = ("Attached", "Hydrating", "Hydrated", "Detached")
 HYDRATED = ("Hydrated", "Detached")
@@ -416,10 +419,12 @@ class Rig:
         self.offsets[g.name] = guest_clock_offset(g)
         env = _env(f"KUBECONFIG={self.cp.kubeconfig}")
         _daemon(g, f"{env} {_py()} -m vmthunder.cli agent --node {g.name} --export-ip {g.ip} "
-                f"--cache-dir {CACHE_DIR} --interval 1", "vmthunder.cli agent", "/tmp/agent.log")
+                f"--cache-dir {CACHE_DIR} --interval 1 --metrics-port {AGENT_METRICS_PORT}",
+                "vmthunder.cli agent", "/tmp/agent.log")
         _daemon(g, f"{env} {_py()} -m vmthunder.cli csi --mode node "
                 f"--endpoint unix://{CSI_SOCKET} --node-id {g.name} "
-                f"--state-dir {CACHE_DIR}/volumes --stage-wait 30", "vmthunder.cli csi",
+                f"--state-dir {CACHE_DIR}/volumes --stage-wait 30 "
+                f"--metrics-port {CSI_NODE_METRICS_PORT}", "vmthunder.cli csi",
                 "/tmp/csi-node.log")
         probe = (
             "import time\nfrom vmthunder.csi.client import connect\n"

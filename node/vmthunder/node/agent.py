@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from vmthunder.node import blockdev, dm, iscsi, names, stack
+from prometheus_client import start_http_server
+
+from vmthunder.node import blockdev, dm, iscsi, metrics, names, stack
 from vmthunder.node.cache import CacheBackend, CacheState, make_backend
 from vmthunder.node.hydrate import Hydrator, Upstream, parse_profile, plan_prefetch, upstream_of
 from vmthunder.node.iscsi import Chap, TargetAddress
@@ -204,8 +206,13 @@ class Agent:
         self.profile_file = profile_file
         self.hydrators: dict[str, Hydrator] = {}
         self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
+        self.statuses: dict[str, dict[str, Any]] = {}  # per image: the status last written
 
     def round(self) -> None:
+        with metrics.ROUND_SECONDS.time():
+            self._round()
+
+    def _round(self) -> None:
         mine = self.kube.replicas(f"{LABEL_NODE}={self.node}")
         wanted: set[str] = set()
         for r in mine:
@@ -218,6 +225,8 @@ class Agent:
                 self._report_failure(r, e)
         for image in plan_removals(self._kernel_images(), wanted):
             self._remove(image)
+        for image in set(self.statuses) - wanted:
+            del self.statuses[image]
 
     def _kernel_images(self) -> set[str]:
         out = set()
@@ -295,8 +304,12 @@ class Agent:
             attached_parent=attached, initiator=self.initiator,
             message=(h.error if h and h.error else self.notes.get(image) or message),
         )
-        status = plan_status(rep, r.get("status") or {}, datetime.now(UTC))
+        previous = r.get("status") or {}
+        status = plan_status(rep, previous, datetime.now(UTC))
         self.kube.patch_status(r["metadata"]["name"], status)
+        if attached and previous.get("attachedParent") not in ("", None, attached):
+            metrics.REPARENTS.labels(image).inc()
+        self.statuses[image] = status
         if h is not None and h.error:
             self.hydrators.pop(image, None)  # a fresh one next round
 
@@ -360,7 +373,7 @@ class Agent:
 def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder",
               backend: str = "dm-clone", interval: float = 2.0, multipath: bool = True,
               replacement_timeout: int | None = None, profile_file: str | None = None,
-              once: bool = False) -> int:
+              once: bool = False, metrics_port: int = 0) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from vmthunder.kube import load_api_client
 
@@ -370,6 +383,9 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
     tmo = replacement_timeout if replacement_timeout is not None else (5 if multipath else 600)
     agent = Agent(node, kube, make_backend(backend, cache_dir), IscsiTransport(tmo), export_ip,
                   multipath=multipath, profile_file=profile_file)
+    if metrics_port:
+        metrics.register(lambda: dict(agent.statuses))
+        start_http_server(metrics_port)
     stop = threading.Event()
     while not stop.is_set():
         t0 = time.monotonic()

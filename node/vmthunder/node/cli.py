@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-file", default=None,
                    help="boot profile to use instead of the ImageCache's ConfigMap")
     p.add_argument("--once", action="store_true", help="one round, then exit")
+    p.add_argument("--metrics-port", type=int, default=0, help="0: no metrics endpoint")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
                      backend=args.backend, interval=args.interval,
                      multipath=not args.no_multipath,
                      replacement_timeout=args.replacement_timeout,
-                     profile_file=args.profile_file, once=args.once)
+                     profile_file=args.profile_file, once=args.once,
+                     metrics_port=args.metrics_port)
 
 
 def main(argv: list[str] | None = None) -> int:
