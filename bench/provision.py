@@ -32,7 +32,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,8 @@ def print_table(rows: list[dict[str, Any]], image_size: int) -> None:
               flush=True)
 
 
-def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
+            records: list[dict[str, Any]]) -> None:
     opts = Options(nodes=n, gap_scale=a.gap_scale, rate_mbit=a.rate_mbit, live=False,
                    fanout=a.fanout, origin_fanout=a.origin_fanout)
     t0 = time.monotonic()
@@ -226,6 +227,10 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                 print(f"  {mode} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
                 continue
             runs[mode] = run
+            record = run.to_json()
+            # a baseline's run has no options of its own: the lab's (the calibration reads them)
+            record["options"] = run.options or asdict(rig.options) | {"results": ""}
+            records.append(record)
             floor = runs["local"].summary().get("all_booted") if "local" in runs else None
             rows.append(row(run, floor))
             print(f"  {mode} done in {time.monotonic() - t1:.0f} s", flush=True)
@@ -247,15 +252,15 @@ def main() -> int:
                    / "results" / "bench-provision.json")
     a = p.parse_args()
     rows: list[dict[str, Any]] = []
-    image_size = 0
+    records: list[dict[str, Any]] = []  # every run's full record (per node times, profile)
     for n in a.nodes:
         try:
-            bench_n(n, a, rows)
+            bench_n(n, a, rows, records)
         except Exception as e:  # report what ran; the next N may still run
             print(f"N={n} failed: {type(e).__name__}: {e}", flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps({"gap_scale": a.gap_scale, "rate_mbit": a.rate_mbit,
-                                     "rows": rows}, indent=1))
+                                     "rows": rows, "runs": records}, indent=1))
     from vmthunder.lab.provision import golden
 
     image_size = golden("small")[0].stat().st_size
