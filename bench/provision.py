@@ -199,6 +199,7 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
         order = [m for m in ("local", *MODES[:-1], *CHECKS) if m in a.modes]
         for mode in order:
             t1 = time.monotonic()
+            cleanup = ""  # the ImageCache a VMThunder mode leaves to delete
             if mode == "copy-first" and n > a.copy_max_n:
                 print(f"  copy-first skipped at N={n} (> --copy-max-n {a.copy_max_n}): at least "
                       f"{n * rig.profile.image_size * 8 / (a.rate_mbit * 1e6):.0f} s through "
@@ -212,15 +213,14 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
                         run = rig.provision(mode, prefetch=True, wait_hydrated=False, mode=mode)
                     finally:
                         rig.options = base
-                    run.origin_bytes = run.origin_bytes_at_all_booted
-                    rig.delete_volumes_and_cache(mode)
+                    cleanup = mode
                 elif mode.startswith("vmthunder"):
-                    name = "ondemand" if mode == "vmthunder" else "prefetch"
-                    run = rig.provision(name, prefetch=mode != "vmthunder",
+                    cleanup = "ondemand" if mode == "vmthunder" else "prefetch"
+                    run = rig.provision(cleanup, prefetch=mode != "vmthunder",
                                         wait_hydrated=False, mode=mode)
+                if mode in CHECKS or mode.startswith("vmthunder"):
                     # The boot storm's origin load (hydration goes on after it).
                     run.origin_bytes = run.origin_bytes_at_all_booted
-                    rig.delete_volumes_and_cache(name)
                 else:
                     run = baseline(rig, mode)
             except Exception as e:  # report it; the other modes still run
@@ -235,6 +235,12 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
             rows.append(row(run, floor))
             print(f"  {mode} done in {time.monotonic() - t1:.0f} s", flush=True)
             print_table(rows[-1:], rig.profile.image_size)
+            if cleanup:  # after the figures are kept: a failed cleanup loses no measurement
+                try:
+                    rig.delete_volumes_and_cache(cleanup)
+                except Exception as e:  # the next mode has an image of its own
+                    print(f"  {mode}: cleanup failed: {type(e).__name__}: {str(e)[:3000]}",
+                          flush=True)
     finally:
         rig.close()
 

@@ -644,9 +644,15 @@ class Rig:
         published volume over NBD through the lab network; returns when the VM's console
         prints its boot marker (host clock)."""
         from vmthunder.lab.profile import boot_vm
+        from vmthunder.lab.replay import nbd_pid_file
 
-        return boot_vm(f"nbd://{g.ip}:{port},cache=none", self.workdir / f"{g.name}.serial",
-                       timeout=self.options.boot_timeout)
+        try:
+            return boot_vm(f"nbd://{g.ip}:{port},cache=none", self.workdir / f"{g.name}.serial",
+                           timeout=self.options.boot_timeout)
+        finally:  # the VM is gone: its server too, or the volume stays busy (no unpublish)
+            pid = f"$(cat {nbd_pid_file(port)})"
+            _quick(g, f"kill {pid}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; "
+                      f"rm -f {nbd_pid_file(port)}")
 
     def _monitor(self, image: str, run: Run, runs: dict[str, NodeRun], t0: float,
                  origin0: int, stop: threading.Event) -> None:
@@ -743,9 +749,11 @@ class Rig:
 
         def gone(g: Guest) -> None:
             deadline = time.monotonic() + 180
-            while _quick(g, f"dmsetup ls | grep 'vmt-{image}' || true").strip():
+            while left := _quick(g, f"dmsetup ls | grep 'vmt-{image}' || true").strip():
                 if time.monotonic() > deadline:
-                    raise ProvisionError(f"{g.name}: the stack of {image} is still there")
+                    raise ProvisionError(
+                        f"{g.name}: the stack of {image} is still there: {left}\n"
+                        f"{_quick(g, 'tail -c 2500 /tmp/agent.log')}")
                 time.sleep(1)
 
         _par(gone, self.lab.nodes)

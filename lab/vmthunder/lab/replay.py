@@ -108,13 +108,18 @@ def replay(device: str, steps: Sequence[Step]) -> dict[str, Any]:
     return out
 
 
+def nbd_pid_file(port: int) -> str:
+    return f"/run/vmt-nbd-{port}.pid"
+
+
 def serve_nbd(device: str, port: int) -> dict[str, Any]:
     """The real-boot path: hands the published device to a VM on the host over NBD (the
     host's qemu is the VM; the guest only serves). Returns once qemu-nbd listens."""
     import subprocess
 
     p = subprocess.run(["qemu-nbd", "--fork", "--persistent", "--shared=2", "--format=raw",
-                        "--cache=none", "--bind=0.0.0.0", f"--port={port}", device],
+                        "--cache=none", "--bind=0.0.0.0", f"--port={port}",
+                        f"--pid-file={nbd_pid_file(port)}", device],
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, timeout=60, check=False, start_new_session=True)
     err = None if p.returncode == 0 else f"qemu-nbd: {p.stderr.decode(errors='replace')[-500:]}"

@@ -1,0 +1,111 @@
+"""The simulator calibrated from the lab.
+
+A lab run (bench/provision.py keeps every run's record) gives most figures directly: the link
+rate the lab shaped, when each VM's disk was published (the simulator's attach), how fast a
+boot reads the node's own disk (the local-disk floor run). The recorded boot becomes the
+simulator's profile with the gaps the lab replayed. One figure no lab run shows on its own is
+the per-request cost of the node stack under TCG (initiator, target, device-mapper in
+emulated guests): it is fitted so the simulator reproduces one run's all-booted time. The
+simulator's forecast for a run of another size then uses nothing measured in that run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vmthunder.lab.profile import BootProfile as Recording
+from vmthunder.sim.calibration import Calibration, calibrated
+from vmthunder.sim.engine import Mode, Scenario, local_boot_s, simulate
+from vmthunder.sim.profile import BootProfile, Read, plan_steps
+
+
+def profile_from_recording(rec: Recording, gap_scale: float) -> BootProfile:
+    """The lab's recorded boot as the simulator reads it, with the gaps the lab replayed
+    (the replay issues each read `gap` after the previous one completed, as the simulator's
+    steps do; reads are not merged, the replay issues them one at a time)."""
+    reads = tuple(Read(r.offset, r.length, r.gap_us * gap_scale / 1e6) for r in rec.reads)
+    return BootProfile(rec.image_size, reads, 0.0, f"lab recording, gaps x{gap_scale:g}")
+
+
+@dataclass(frozen=True)
+class LabRun:
+    """What the calibration reads of one lab run's record (Run.to_json)."""
+
+    mode: str
+    n: int
+    fanout: int
+    origin_fanout: int
+    rate_mbit: float
+    gap_scale: float
+    attach_s: float  # mean time from the start to the VM's disk being published
+    all_booted_s: float
+    mean_booted_s: float
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> LabRun:
+        o, nodes = record["options"], record["nodes"]
+        booted = [n["booted"] for n in nodes]
+        if not nodes or any(b is None for b in booted):
+            raise ValueError(f"{record['mode']} at N={record['n']}: not every VM booted")
+        published = [n["published"] or 0.0 for n in nodes]
+        return cls(mode=record["mode"], n=int(record["n"]), fanout=int(o["fanout"]),
+                   origin_fanout=int(o["origin_fanout"]), rate_mbit=float(o["rate_mbit"]),
+                   gap_scale=float(o["gap_scale"]), attach_s=statistics.fmean(published),
+                   all_booted_s=max(booted), mean_booted_s=statistics.fmean(booted))
+
+
+def find_run(records: Sequence[Mapping[str, Any]], mode: str, n: int) -> LabRun:
+    for r in records:
+        if r["mode"] == mode and int(r["n"]) == n:
+            return LabRun.from_record(r)
+    raise LookupError(f"no {mode} run at N={n} among the records")
+
+
+def measured(run: LabRun, profile: BootProfile, local: LabRun | None = None,
+             base: Calibration | None = None) -> Calibration:
+    """The figures a run shows directly: link rates, attach time, and, from the local-disk
+    run, the read rate of a node's own disk (its boot time less the profile's compute)."""
+    bps = run.rate_mbit * 1e6 / 8
+    figures: dict[str, Any] = {"node_bps": bps, "origin_bps": bps, "attach_s": run.attach_s,
+                               "merge_gap_s": 0.0}
+    if local is not None:
+        reading = local.mean_booted_s - profile.compute_s
+        if reading > 0:
+            figures["local_read_bps"] = profile.read_bytes / reading
+    return calibrated(base, **figures)
+
+
+def _scenario(run: LabRun, prefetch: bool) -> Scenario:
+    return Scenario(f"lab N={run.n}", run.n, Mode.VMTHUNDER, fanout=run.fanout,
+                    origin_fanout=run.origin_fanout, prefetch=prefetch)
+
+
+def predict(run: LabRun, profile: BootProfile, cal: Calibration, attach_s: float | None = None,
+            ) -> float:
+    """The simulator's all-booted time for a run's size and tree (its measured times unused
+    unless attach_s is taken from it)."""
+    if attach_s is not None:
+        cal = calibrated(cal, attach_s=attach_s)
+    prefetch = "prefetch" in run.mode
+    return simulate(_scenario(run, prefetch), profile, cal).all_booted_s
+
+
+def fit_request_overhead(run: LabRun, profile: BootProfile, cal: Calibration,
+                         hi_s: float = 0.05, rounds: int = 24) -> Calibration:
+    """The per-request overhead that makes the simulator reproduce the run's all-booted time
+    (bisection: the simulated time grows with the overhead). Clamped to [0, hi_s]."""
+    lo, hi = 0.0, hi_s
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        if predict(run, profile, calibrated(cal, request_overhead_s=mid)) < run.all_booted_s:
+            lo = mid
+        else:
+            hi = mid
+    return calibrated(cal, request_overhead_s=(lo + hi) / 2)
+
+
+def local_floor_s(profile: BootProfile, cal: Calibration) -> float:
+    return local_boot_s(plan_steps(profile, cal.region_bytes, cal.merge_gap_s), cal)
