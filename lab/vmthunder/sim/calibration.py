@@ -4,6 +4,7 @@ Defaults are stated assumptions for Gigabit Ethernet (the seed's setting) until 
 measures them. Feeding the lab's figures: `load_calibration(path)` reads a JSON object whose
 keys are field names of `Calibration` (any subset), e.g. the lab's
     {"request_overhead_s": 0.0004, "local_read_bps": 9.0e8, "attach_s": 1.2}
+(vmthunder.sim.labfit derives them from the lab's benchmark records)
 and `calibrated(**figures)` does the same from Python. The boot profile is separate
 (vmthunder.sim.profile): the lab's recorded profile when there is one.
 """
@@ -28,6 +29,7 @@ class Calibration:
     latency_s: float = 100e-6  # one way, one hop
     request_overhead_s: float = 150e-6  # initiator + target + dm per request
     local_read_bps: float = 400e6  # the node's cache disk, for reads that hit
+    local_request_s: float = 0.0  # per VM read on the node itself (its block stack), hit or not
     region_bytes: int = 64 << 10  # cache region (the node agent's dm-clone default)
     # Simulation granularity, not physics: the working set moves in units of this many
     # bytes of regions consecutive in first-touch order, the rest of the image in bulk units.
@@ -60,3 +62,8 @@ def load_calibration(path: Path, base: Calibration | None = None) -> Calibration
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a calibration is a JSON object of figures")
     return calibrated(base, **data)
+
+
+def local_read_s(nbytes: int, reads: int, cal: Calibration) -> float:
+    """A VM's reads served by its own node: per-request cost plus the disk's transfer."""
+    return reads * cal.local_request_s + nbytes / cal.local_read_bps

@@ -35,7 +35,7 @@ from enum import Enum
 from typing import cast
 
 from vmthunder.operator.planner import ORIGIN, NodeState, plan_depth, plan_tree
-from vmthunder.sim.calibration import Calibration
+from vmthunder.sim.calibration import Calibration, local_read_s
 from vmthunder.sim.events import EventQueue
 from vmthunder.sim.network import Network
 from vmthunder.sim.profile import BootProfile, StepPlan, plan_steps
@@ -93,7 +93,7 @@ class Result:
 
 def local_boot_s(steps: StepPlan, cal: Calibration) -> float:
     """A boot with every block on the local disk: compute plus local reads."""
-    return sum(s.gap_s + s.bytes / cal.local_read_bps for s in steps.steps) + steps.tail_s
+    return sum(s.gap_s + local_read_s(s.bytes, s.reads, cal) for s in steps.steps) + steps.tail_s
 
 
 def simulate(sc: Scenario, profile: BootProfile, cal: Calibration) -> Result:
@@ -164,11 +164,12 @@ def _baseline(sc: Scenario, profile: BootProfile, steps: StepPlan, cal: Calibrat
             if sc.mode is Mode.COPY_FIRST:
                 res.boot_s += [now + cal.attach_s + floor] * groups[g]
                 continue
+            done = now + steps.steps[step_of[g]].reads * cal.local_request_s  # node's own stack
             s = step_of[g] = step_of[g] + 1
             if s == len(steps.steps):
-                res.boot_s += [now + steps.tail_s] * groups[g]
+                res.boot_s += [done + steps.tail_s] * groups[g]
             else:
-                queue.push(now + steps.steps[s].gap_s, ("issue", g, 0))
+                queue.push(done + steps.steps[s].gap_s, ("issue", g, 0))
     res.end_s = max(res.boot_s, default=0.0)
     return res
 
@@ -186,7 +187,7 @@ class _Units:
 
     sizes: tuple[int, ...]  # bytes of each unit
     steps: tuple[tuple[int, ...], ...]  # units each step waits for
-    step_bytes: tuple[int, ...]
+    local_s: tuple[float, ...]  # each step's reads served by the node itself
     gaps: tuple[float, ...]
 
 
@@ -205,7 +206,7 @@ def _units(steps: StepPlan, cal: Calibration) -> _Units:
     return _Units(
         sizes,
         tuple(unit_steps),
-        tuple(st.bytes for st in steps.steps),
+        tuple(local_read_s(st.bytes, st.reads, cal) for st in steps.steps),
         tuple(st.gap_s for st in steps.steps),
     )
 
@@ -481,12 +482,12 @@ class _Storm:
     def _vm_step_done(self, i: int) -> None:
         """Reads the step's bytes locally, computes, and goes on. Steps whose units are all
         local already run on without an event each (they stay local: nothing is evicted)."""
-        units, have, rate = self.units, self.have[i], self.cal.local_read_bps
+        units, have = self.units, self.have[i]
         s = self.step[i]
-        at = self.queue.now + units.step_bytes[s] / rate
+        at = self.queue.now + units.local_s[s]
         s += 1
         while s < len(units.steps) and all(have[u] for u in units.steps[s]):
-            at += units.gaps[s] + units.step_bytes[s] / rate
+            at += units.gaps[s] + units.local_s[s]
             s += 1
         self.step[i] = s
         if s == len(units.steps):

@@ -55,6 +55,7 @@ class Step:
     gap_s: float  # compute before the step
     regions: tuple[int, ...]  # ranks (see plan_steps) of the regions the step reads
     bytes: int  # bytes the step reads
+    reads: int = 1  # read requests the step issues
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,14 @@ def plan_steps(profile: BootProfile, region_bytes: int, merge_gap_s: float = 0.0
     rank: dict[int, int] = {}
     order: list[int] = []
     steps: list[Step] = []
-    cur_gap, cur_bytes = 0.0, 0
+    cur_gap, cur_bytes, cur_reads = 0.0, 0, 0
     cur_regions: list[int] = []
     seen_in_step: set[int] = set()
     for i, r in enumerate(profile.reads):
         if i > 0 and r.gap_s >= merge_gap_s:
-            steps.append(Step(cur_gap, tuple(cur_regions), cur_bytes))
-            cur_gap, cur_regions, cur_bytes, seen_in_step = r.gap_s, [], 0, set()
+            steps.append(Step(cur_gap, tuple(cur_regions), cur_bytes, cur_reads))
+            cur_gap, cur_regions, cur_bytes, cur_reads = r.gap_s, [], 0, 0
+            seen_in_step = set()
         elif i == 0:
             cur_gap = r.gap_s
         else:
@@ -98,8 +100,9 @@ def plan_steps(profile: BootProfile, region_bytes: int, merge_gap_s: float = 0.0
                 seen_in_step.add(k)
                 cur_regions.append(k)
         cur_bytes += r.length
+        cur_reads += 1
     if profile.reads:
-        steps.append(Step(cur_gap, tuple(cur_regions), cur_bytes))
+        steps.append(Step(cur_gap, tuple(cur_regions), cur_bytes, cur_reads))
     return StepPlan(tuple(steps), tuple(order), region_bytes, profile.tail_s)
 
 
