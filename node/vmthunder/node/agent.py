@@ -250,6 +250,7 @@ class Agent:
         h = self.hydrators.pop(image, None)
         if h:
             h.stop()
+            stack.fail_queued_reads(image)  # a read waiting on a departed parent lets go
             h.join(10)
         log.info("removing the stack of %s", image)
         stack.remove_image(image, self.node, self.backend, self.transport, None)

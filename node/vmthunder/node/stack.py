@@ -250,9 +250,19 @@ def _apply_step(w: Want, step: Step, backend: CacheBackend, transport: Transport
         transport.detach(step.address)
 
 
+def fail_queued_reads(image: str) -> None:
+    """Reads queued in -src for a parent that is gone fail now instead of waiting for a path
+    that will not come back: the stack is going away, and a hydrator blocked in such a read
+    keeps the cache device open (busy: it could never be removed)."""
+    src = names.src_dev(image)
+    if dm.exists(src) and any(t.type == "multipath" for t in dm.table(src)):
+        dm.message(src, ["fail_if_no_path"])
+
+
 def remove_image(image: str, node: str, backend: CacheBackend, transport: Transport,
                  origin_iqn: str | None) -> None:
     """Tears the image's stack down (volumes over it must be gone first)."""
+    fail_queued_reads(image)
     lio.remove_export(names.export_iqn(image, node), names.backstore(image))
     dm.remove(names.export_dev(image))
     backend.remove(image)
