@@ -235,6 +235,25 @@ def test_baselines_floor_copy_first_and_one_server() -> None:
     assert one.origin_bytes == 5 * 500_000
 
 
+def test_a_bounded_host_link_is_crossed_by_every_transfer() -> None:
+    # the lab's host at half the origin's rate: it, not the origin, paces the single copy
+    host = calibrated(EXACT, host_bps=0.5e6)
+    one = simulate(Scenario("one", 1, prefetch=False, hydrate=False), ONE_READ, host)
+    assert one.boot_s == [pytest.approx(1 + 2 + MiB / 0.5e6 + 0.5 + 0.5)]
+    # copy first on two nodes: both copies from the origin share it
+    copy = simulate(Scenario("c", 2, mode=Mode.COPY_FIRST), ONE_READ, host)
+    assert copy.boot_s == [pytest.approx(2 * 4 * MiB / 0.5e6 + 1 + 3)] * 2  # + attach, floor
+
+
+def test_a_reads_own_cost_on_the_node_is_paid_hit_or_miss() -> None:
+    cal = calibrated(EXACT, local_request_s=0.25)
+    two = BootProfile(4 * MiB, (Read(0, 500_000, 2.0), Read(0, 500_000, 0.0)), tail_s=0.5)
+    steps = plan_steps(two, cal.region_bytes, merge_gap_s=0.0)
+    assert [s.reads for s in steps.steps] == [1, 1]
+    # compute 2 + tail 0.5 + two reads of 0.5 MB at 1 MB/s, each 0.25 on top
+    assert local_boot_s(steps, cal) == pytest.approx(2 + 0.5 + 2 * (0.5 + 0.25))
+
+
 def test_a_parent_failure_reparents_its_children_and_everyone_else_boots() -> None:
     sc = Scenario("f", 40, fanout=2, prefetch=False, hydrate=False, failure=Failure(2.5, 0.1))
     r = simulate(sc, ONE_READ, EXACT)

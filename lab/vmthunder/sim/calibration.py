@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ class Calibration:
     sim_unit_bytes: int = 2 * MiB
     bulk_bytes: int = 256 * MiB
     attach_s: float = 1.0  # iSCSI login + block stack until the VM can start reading
+    # A resource every transfer crosses: in the lab, the host's two cores emulating every
+    # guest's network and block stack (TCG). Unbounded on real hardware.
+    host_bps: float = math.inf
     prefetch_depth: int = 8  # prefetch requests in flight per node
     hydrate_bps: float = 40e6  # background hydration throttle per node
     detect_s: float = 5.0  # a dead parent noticed (iSCSI nop-out timeout) and re-planned
@@ -67,3 +71,11 @@ def load_calibration(path: Path, base: Calibration | None = None) -> Calibration
 def local_read_s(nbytes: int, reads: int, cal: Calibration) -> float:
     """A VM's reads served by its own node: per-request cost plus the disk's transfer."""
     return reads * cal.local_request_s + nbytes / cal.local_read_bps
+
+
+def with_host_link(capacity: list[float], cal: Calibration) -> int | None:
+    """Appends the host's link to a network's capacities when it is bounded; its index."""
+    if math.isinf(cal.host_bps):
+        return None
+    capacity.append(cal.host_bps)
+    return len(capacity) - 1

@@ -35,7 +35,7 @@ from enum import Enum
 from typing import cast
 
 from vmthunder.operator.planner import ORIGIN, NodeState, plan_depth, plan_tree
-from vmthunder.sim.calibration import Calibration, local_read_s
+from vmthunder.sim.calibration import Calibration, local_read_s, with_host_link
 from vmthunder.sim.events import EventQueue
 from vmthunder.sim.network import Network
 from vmthunder.sim.profile import BootProfile, StepPlan, plan_steps
@@ -128,6 +128,7 @@ def _baseline(sc: Scenario, profile: BootProfile, steps: StepPlan, cal: Calibrat
     # links: 0 the origin's uplink, 1+g rack g's downlink (shared by the group: weighted);
     # each member's own NIC is a cap on its flow, not a link the group shares
     capacity = [cal.origin_bps] + [cal.rack_uplink_bps if racked else math.inf] * len(groups)
+    host = with_host_link(capacity, cal)
     queue: EventQueue[tuple[str, int, int]] = EventQueue()
 
     def schedule(at: float, fid: int, version: int) -> None:
@@ -138,7 +139,8 @@ def _baseline(sc: Scenario, profile: BootProfile, steps: StepPlan, cal: Calibrat
     step_of = [0] * len(groups)
 
     def links(g: int) -> tuple[int, ...]:
-        return (0, 1 + g) if racked else (0,)
+        own = (0, 1 + g) if racked else (0,)
+        return own if host is None else (*own, host)
 
     for g, size in enumerate(groups):
         if sc.mode is Mode.COPY_FIRST:
@@ -226,6 +228,7 @@ class _Storm:
         self.rack_base = 1 + 2 * n
         capacity = [cal.origin_bps] + [cal.node_bps] * (2 * n)
         capacity += [cal.rack_uplink_bps] * (2 * racks)
+        self.host_link = with_host_link(capacity, cal)
         self.queue: EventQueue[tuple[str, int, int, int, int]] = EventQueue()
         self.net = Network(capacity, self._flow_due)
         plan = plan_tree(self._states(), sc.fanout, sc.origin_fanout)
@@ -285,6 +288,10 @@ class _Storm:
         self.queue.push(at, ("flow", fid, version, 0, 0))
 
     def _links(self, src: int, dst: int) -> tuple[int, ...]:
+        hops = self._hops(src, dst)
+        return hops if self.host_link is None else (*hops, self.host_link)
+
+    def _hops(self, src: int, dst: int) -> tuple[int, ...]:
         up = 0 if src == _ORIGIN else 1 + 2 * src
         down = 2 + 2 * dst
         rd = self.rack[dst]

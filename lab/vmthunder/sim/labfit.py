@@ -5,12 +5,15 @@ rate the lab shaped, when each VM's disk was published (the simulator's attach),
 boot reads the node's own disk (the local-disk floor run). The recorded boot becomes the
 simulator's profile with the gaps the lab replayed. One figure no lab run shows on its own is
 the per-request cost of the node stack under TCG (initiator, target, device-mapper in
-emulated guests): it is fitted so the simulator reproduces one run's all-booted time. The
-simulator's forecast for a run of another size then uses nothing measured in that run.
+emulated guests) is the throughput of the host's cores that every transfer crosses: it is
+fitted so the simulator reproduces one run's all-booted time. The forecast for a run of
+another size then uses nothing measured in that run: what each guest does alone scales with
+the number of guests sharing the host (`scaled_to`).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -76,7 +79,8 @@ def measured(run: LabRun, profile: BootProfile, local: LabRun | None = None,
     dominates)."""
     bps = run.rate_mbit * 1e6 / 8
     figures: dict[str, Any] = {"node_bps": bps, "origin_bps": bps, "attach_s": run.attach_s,
-                               "merge_gap_s": 0.0}  # the replay issues one read at a time
+                               "merge_gap_s": 0.0,  # the replay issues one read at a time
+                               "hydrate_bps": bps}  # the lab sets no hydration throttle
     if local is not None:
         cal = calibrated(base)
         reading = (local.mean_boot_s - profile.compute_s
@@ -100,18 +104,27 @@ def predict(run: LabRun, profile: BootProfile, cal: Calibration, attach_s: float
     return simulate(_scenario(run, prefetch), profile, cal).all_booted_s
 
 
-def fit_request_overhead(run: LabRun, profile: BootProfile, cal: Calibration,
-                         hi_s: float = 0.05, rounds: int = 24) -> Calibration:
-    """The per-request overhead that makes the simulator reproduce the run's all-booted time
-    (bisection: the simulated time grows with the overhead). Clamped to [0, hi_s]."""
-    lo, hi = 0.0, hi_s
+def fit_host_bps(run: LabRun, profile: BootProfile, cal: Calibration,
+                 lo_bps: float = 1e4, hi_bps: float = 1e10, rounds: int = 40) -> Calibration:
+    """The host's throughput (every transfer crosses the cores that emulate the guests) that
+    makes the simulator reproduce the run's all-booted time (bisection in log space: the
+    simulated time falls as the throughput grows). Clamped to [lo_bps, hi_bps]."""
     for _ in range(rounds):
-        mid = (lo + hi) / 2
-        if predict(run, profile, calibrated(cal, request_overhead_s=mid)) < run.all_booted_s:
-            lo = mid
+        mid = math.sqrt(lo_bps * hi_bps)
+        if predict(run, profile, calibrated(cal, host_bps=mid)) > run.all_booted_s:
+            lo_bps = mid
         else:
-            hi = mid
-    return calibrated(cal, request_overhead_s=(lo + hi) / 2)
+            hi_bps = mid
+    return calibrated(cal, host_bps=math.sqrt(lo_bps * hi_bps))
+
+
+def scaled_to(cal: Calibration, fitted_n: int, n: int) -> Calibration:
+    """The figures for a lab of n guests from those fitted at fitted_n: the work each guest
+    does on its own (attaching its stack, the per-read cost of its block stack) shares the
+    host's cores with every other guest doing the same at the same time, so it takes n /
+    fitted_n times as long; the transfers already share the host link."""
+    k = n / fitted_n
+    return calibrated(cal, attach_s=cal.attach_s * k, local_request_s=cal.local_request_s * k)
 
 
 def local_floor_s(profile: BootProfile, cal: Calibration) -> float:
