@@ -54,6 +54,9 @@ CSI_SOCKET = "/run/csi/csi.sock"
 CSI_NODE_METRICS_PORT = 9818
 AGENT_METRICS_PORT = 9819
 REAL_BOOT_NBD_PORT = 10809
+# Every guest starts its agent and CSI node plugin at once, all on 2 emulated cores: at N = 8,
+# Python's imports over 9p under TCG take minutes.
+NODE_READY_TIMEOUT = 600
 USABLE = ("Attached", "Hydrating", "Hydrated", "Detached")
 HYDRATED = ("Hydrated", "Detached")
 
@@ -429,7 +432,7 @@ class Rig:
         probe = (
             "import time\nfrom vmthunder.csi.client import connect\n"
             "from vmthunder.csi.proto import csi_pb2\n"
-            "deadline = time.monotonic() + 240\n"
+            f"deadline = time.monotonic() + {NODE_READY_TIMEOUT}\n"
             "while True:\n"
             "    try:\n"
             f"        c = connect('unix://{CSI_SOCKET}')\n"
@@ -441,7 +444,7 @@ class Rig:
         tag = f"vmt-probe-{os.getpid()}"
         _quick(g, f"cat > /tmp/{tag}.py <<'EOF'\n{probe}EOF")
         try:
-            _detached(g, f"{_env()} {_py()} /tmp/{tag}.py", tag, 300)
+            _detached(g, f"{_env()} {_py()} /tmp/{tag}.py", tag, NODE_READY_TIMEOUT + 60)
         except RuntimeError as e:
             raise ProvisionError(f"{g.name}: the CSI node plugin is not ready: {e}\n"
                                  f"{_quick(g, 'tail -c 3000 /tmp/csi-node.log')}") from None
