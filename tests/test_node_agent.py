@@ -5,24 +5,30 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from waiting import wait_for
 
 from vmthunder.node import names
 from vmthunder.node.agent import (
+    HEARTBEAT_SECONDS,
     INITIATOR_CONDITION,
+    RESYNC_SECONDS,
     Agent,
+    Converged,
     Report,
     children_initiators,
     parent_address,
+    plan_full_round,
     plan_phase,
     plan_removals,
     plan_status,
+    plan_status_write,
 )
 from vmthunder.node.cache import CacheState
 from vmthunder.node.hydrate import UNLIMITED, Hydrator, Upstream, hydration_order, upstream_of
 from vmthunder.node.iscsi import TargetAddress
+from vmthunder.node.stack import Want
 
 CACHE_SPEC = {"source": {"iscsi": {"portal": "10.0.0.2", "iqn": "iqn.2026-11.io.x:gold"}}}
 
@@ -86,6 +92,38 @@ def test_status_publishes_export_address_and_initiator_condition() -> None:
 
 def test_images_without_a_replica_are_removed() -> None:
     assert plan_removals({"a", "b"}, {"b", "c"}) == {"a"}
+
+
+def test_a_converged_image_is_reread_whole_only_on_a_change_or_the_resync() -> None:
+    want = Want("img", "n", 1 << 20, 65536, TargetAddress("10.0.0.2:3260", "iqn.x:o"), None,
+                "10.0.0.11")
+    hydrating = CacheState("caching", 3, 16)
+    on = frozenset({want.parent}) if want.parent else frozenset()
+    last = Converged(want, "caching", False, on, "@origin", at=100.0)
+    assert plan_full_round(None, want, hydrating, on, 100.0)
+    assert not plan_full_round(last, want, CacheState("caching", 9, 16), on, 101.0)  # progress
+    assert plan_full_round(last, want, CacheState("caching", 16, 16), on, 101.0)  # to detach
+    assert plan_full_round(last, want, CacheState("absent"), on, 101.0)  # someone removed it
+    assert plan_full_round(last, want, hydrating, frozenset(), 101.0)  # the session went away
+    moved = Want("img", "n", 1 << 20, 65536, TargetAddress("10.0.0.12:3260", "iqn.x:b.img"),
+                 None, "10.0.0.11")
+    assert plan_full_round(last, moved, hydrating, on, 101.0)  # re-parented
+    assert plan_full_round(last, Want(**{**want.__dict__, "children": ("iqn.x:c",)}),
+                           hydrating, on, 101.0)  # a child to let in
+    assert plan_full_round(last, want, hydrating, on, 100.0 + RESYNC_SECONDS)
+
+
+def test_an_unchanged_status_is_written_only_as_a_heartbeat() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    st = plan_status(report(CacheState("caching", 2, 16), 10), {}, t0)
+    later = plan_status(report(CacheState("caching", 2, 16), 10), st, t0 + timedelta(seconds=5))
+    assert not plan_status_write(st, later, t0 + timedelta(seconds=5))
+    due = t0 + timedelta(seconds=HEARTBEAT_SECONDS)
+    assert plan_status_write(st, plan_status(report(CacheState("caching", 2, 16), 10), st, due),
+                             due)
+    moved = plan_status(report(CacheState("caching", 3, 16), 10), st, t0 + timedelta(seconds=1))
+    assert plan_status_write(st, moved, t0 + timedelta(seconds=1))  # progress goes out at once
+    assert plan_status_write({}, st, t0)  # the first status
 
 
 def test_upstream_limits_a_child_to_what_its_parent_holds_in_order() -> None:

@@ -72,6 +72,12 @@ def test_detached_cache_keeps_serving_and_ignores_parent_changes() -> None:
     assert stack.plan_image(w, seen) == []
 
 
+def test_a_detached_qemu_cor_cache_keeps_its_error_source_and_plans_nothing() -> None:
+    w = want()
+    seen = stack.Seen(("error",), "error", {}, CacheState("detached"), True, exported(w))
+    assert stack.plan_image(w, seen) == []  # was: RemoveSource (a reload) on every round
+
+
 def test_new_child_changes_the_export_acl() -> None:
     w = want()
     seen = built(w, ORIGIN, CacheState("caching", 3, 1024))

@@ -3,8 +3,13 @@
 Every round: read the API (replicas of this node, their ImageCaches, parents' export addresses,
 children's initiator names, the CHAP secret), decide with pure plan_* functions, apply with
 stack.apply_image, start a hydrator where a cache layer is caching, and write each replica's
-status with a heartbeat. There is no private state: after a restart the round reads the
-kernel (dmsetup, iscsi sessions in sysfs, configfs) and converges.
+status. Nothing private needs to survive: after a restart the round reads the kernel
+(dmsetup, iscsi sessions in sysfs, configfs) and converges.
+
+A round is cheap once an image has converged: while what is wanted and the cache layer's state
+stay as the last full round left them, it reads only the cache layer's progress (one dmsetup
+call; a whole-stack read is about ten, ~1 s of a TCG lab guest's CPU), re-reading the whole
+stack every RESYNC_SECONDS; and it writes a status only when it changed or as a heartbeat.
 
 A node publishes its iSCSI initiator name in a status condition of type "Initiator" of its
 replicas, so a parent can give it an ACL; the CRD has no dedicated field for it.
@@ -40,6 +45,8 @@ from vmthunder.operator.model import (
 log = logging.getLogger("vmthunder.agent")
 INITIATOR_CONDITION = "Initiator"
 DEFAULT_REGION = 65536
+RESYNC_SECONDS = 30.0  # a converged image's whole stack is re-read at least this often
+HEARTBEAT_SECONDS = 15.0  # an unchanged status is rewritten this often (stale after 60 s)
 
 
 # --- pure decisions ---------------------------------------------------------------------------
@@ -138,6 +145,43 @@ def plan_removals(kernel_images: set[str], wanted: set[str]) -> set[str]:
     return kernel_images - wanted
 
 
+@dataclass(frozen=True)
+class Converged:
+    """What an image's last full round wanted and saw, having had nothing to change."""
+
+    want: stack.Want
+    cache_kind: str
+    cache_complete: bool
+    sessions: frozenset[TargetAddress]  # the image's iSCSI sessions (sysfs: cheap to read)
+    attached_parent: str
+    at: float  # monotonic seconds
+
+
+def plan_full_round(last: Converged | None, want: stack.Want, cache: CacheState,
+                    sessions: frozenset[TargetAddress], now: float) -> bool:
+    """Whether the round must read the whole stack and plan: something wanted changed, the
+    cache layer changed state (completion is when it detaches), a session came or went, or
+    the resync is due."""
+    return (last is None or last.want != want or last.cache_kind != cache.kind
+            or last.cache_complete != cache.complete or last.sessions != sessions
+            or now - last.at >= RESYNC_SECONDS)
+
+
+def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
+                      now: datetime) -> bool:
+    """A changed status is written at once; an unchanged one only as a heartbeat."""
+    def content(s: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in s.items() if k != "heartbeat"}
+
+    if content(previous) != content(status):
+        return True
+    try:
+        beat = datetime.strptime(str(previous.get("heartbeat")), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return True
+    return (now - beat.replace(tzinfo=UTC)).total_seconds() >= HEARTBEAT_SECONDS
+
+
 # --- the API ----------------------------------------------------------------------------------
 
 class Kube:
@@ -207,6 +251,9 @@ class Agent:
         self.hydrators: dict[str, Hydrator] = {}
         self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
         self.statuses: dict[str, dict[str, Any]] = {}  # per image: the status last written
+        self.converged: dict[str, Converged] = {}
+        self.wanted: set[str] | None = None  # the images of the last sweep for removals
+        self.swept_at = 0.0
 
     def round(self) -> None:
         with metrics.ROUND_SECONDS.time():
@@ -223,10 +270,15 @@ class Agent:
             except Exception as e:  # one replica's failure must not stop the others
                 log.exception("replica %s", r["metadata"]["name"])
                 self._report_failure(r, e)
-        for image in plan_removals(self._kernel_images(), wanted):
-            self._remove(image)
+        now = time.monotonic()
+        if wanted != self.wanted or now - self.swept_at >= RESYNC_SECONDS:
+            kept = [image for image in plan_removals(self._kernel_images(), wanted)
+                    if not self._remove(image)]
+            self.wanted = None if kept else wanted  # kept ones: try again next round
+            self.swept_at = now
         for image in set(self.statuses) - wanted:
             del self.statuses[image]
+            self.converged.pop(image, None)
 
     def _kernel_images(self) -> set[str]:
         out = set()
@@ -236,7 +288,8 @@ class Agent:
                 out.add(img)
         return out
 
-    def _remove(self, image: str) -> None:
+    def _remove(self, image: str) -> bool:
+        """Removes the image's stack unless volumes still use it; says whether it did."""
         path = dm.mapper_path(names.cache_dev(image))
         exp = dm.info(names.export_dev(image))
         try:
@@ -246,7 +299,7 @@ class Agent:
             users = []
         if users:
             log.info("keeping %s: volumes still use it (%s)", image, users)
-            return
+            return False
         h = self.hydrators.pop(image, None)
         if h:
             h.stop()
@@ -254,6 +307,8 @@ class Agent:
             h.join(10)
         log.info("removing the stack of %s", image)
         stack.remove_image(image, self.node, self.backend, self.transport, None)
+        self.converged.pop(image, None)
+        return True
 
     def _replica(self, r: Mapping[str, Any]) -> None:
         spec = r["spec"]
@@ -282,20 +337,34 @@ class Agent:
             multipath=self.multipath,
         )
         message = ""
-        if size:
-            _, steps = stack.apply_image(w, self.backend, self.transport, origin_iqn)
+        attached = ""
+        cache = self.backend.observe(image)
+        sessions = frozenset(stack.sessions_of_image(image, origin_iqn,
+                                                     self.transport.attached()))
+        last = self.converged.pop(image, None)  # kept below only if this round changes nothing
+        now = time.monotonic()
+        if not size:
+            message = "waiting for the parent's export"
+        elif last is not None and not plan_full_round(last, w, cache, sessions, now):
+            attached = last.attached_parent
+            self.converged[image] = last
+        else:
+            seen, steps = stack.apply_image(w, self.backend, self.transport, origin_iqn)
             if steps:
                 message = "applied: " + ", ".join(type(s).__name__ for s in steps)
                 log.info("%s: %s", image, message)
-        else:
-            message = "waiting for the parent's export"
-        cache = self.backend.observe(image)
+                cache = self.backend.observe(image)
+                on_parent = dm.exists(names.src_dev(image))
+            else:
+                on_parent = seen.src_kind is not None
+            if cache.kind == "caching" and parent is not None and on_parent:
+                attached = str(spec["parent"])
+            if not steps:
+                self.converged[image] = Converged(w, cache.kind, cache.complete,
+                                                  frozenset(seen.sessions), attached, now)
         upstream = upstream_of(spec.get("parent") == names.ORIGIN, parent_status)
         h = self._hydrator(image, cache, cspec, size, region, parent is not None, upstream)
         c = stack.counters(image)
-        attached = ""
-        if cache.kind == "caching" and parent is not None and dm.exists(names.src_dev(image)):
-            attached = str(spec["parent"])
         rep = Report(
             phase=plan_phase(cache, parent is not None, h.hydrated_in_order if h else 0,
                              h.error if h else None),
@@ -306,8 +375,10 @@ class Agent:
             message=(h.error if h and h.error else self.notes.get(image) or message),
         )
         previous = r.get("status") or {}
-        status = plan_status(rep, previous, datetime.now(UTC))
-        self.kube.patch_status(r["metadata"]["name"], status)
+        stamp = datetime.now(UTC)
+        status = plan_status(rep, previous, stamp)
+        if plan_status_write(previous, status, stamp):
+            self.kube.patch_status(r["metadata"]["name"], status)
         if attached and previous.get("attachedParent") not in ("", None, attached):
             metrics.REPARENTS.labels(image).inc()
         self.statuses[image] = status

@@ -123,14 +123,13 @@ class DmCloneBackend(_Files):
         return os.path.join(self.dir(image), "meta")
 
     def observe(self, image: str) -> CacheState:
-        name = names.cache_dev(image)
-        if not dm.exists(name):
+        st = dm.status_if_exists(names.cache_dev(image), noflush=True)  # asked every round
+        if st is None:
             return CacheState("absent")
-        t = dm.table(name)
-        size = sum(x.length for x in t) * SECTOR
-        if t and t[0].type == "clone":
-            st = dm.clone_status(name)
-            return CacheState("caching", st.hydrated, st.total, st.region_sectors * SECTOR, size)
+        size = sum(x.length for x in st) * SECTOR
+        if st and st[0].type == "clone":
+            c = dm.CloneStatus.parse(st[0].fields)
+            return CacheState("caching", c.hydrated, c.total, c.region_sectors * SECTOR, size)
         return CacheState("detached", size=size)
 
     def build(self, image: str, size: int, region_bytes: int) -> None:
@@ -230,13 +229,15 @@ class QemuCorBackend(_Files):
         return dev
 
     def observe(self, image: str) -> CacheState:
-        name = names.cache_dev(image)
-        if not dm.exists(name):
+        t = dm.table_if_exists(names.cache_dev(image))
+        if t is None:
             return CacheState("absent")
-        size = sum(x.length for x in dm.table(name)) * SECTOR
+        size = sum(x.length for x in t) * SECTOR
         local, region = self._allocated(image)
         total = -(-size // region) if region else 0
-        kind = "caching" if dm.exists(names.src_dev(image)) else "detached"
+        src = dm.table_if_exists(names.src_dev(image))
+        # detach leaves -src as an error table (qemu keeps its backing file open)
+        kind = "caching" if src and src[0].type != "error" else "detached"
         return CacheState(kind, local // region if region else 0, total, region, size)
 
     def _allocated(self, image: str) -> tuple[int, int]:

@@ -137,7 +137,7 @@ def plan_image(w: Want, s: Seen) -> list[Step]:
     if done and w.detach_when_hydrated:
         if not detached:
             steps.append(DetachCache())
-        if s.src_table is not None:
+        if s.src_table is not None and s.src_kind != "error":
             steps.append(RemoveSource())
         steps += [Logout(a) for a in sorted(s.sessions, key=_key)]
     else:
@@ -171,8 +171,8 @@ def observe(image: str, origin_iqn: str | None, backend: CacheBackend, transport
     src = names.src_dev(image)
     src_table: tuple[str, ...] | None = None
     src_kind: str | None = None
-    if dm.exists(src):
-        t = dm.table(src)
+    t = dm.table_if_exists(src)
+    if t is not None:
         src_kind = t[0].type if t else None
         src_table = tuple(_table_devices(t))
     attached = {a: _devno(d) for a, d in transport.attached().items()}
