@@ -76,7 +76,8 @@ def main() -> int:
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageCache",
                 "metadata": {"name": "golden"},
                 "spec": {"source": {"http": {"url": "http://images.local/golden.raw"}},
-                         "fanout": 4, "sizeBytes": 1 << 30}}))
+                         "fanout": 4, "sizeBytes": 1 << 30,
+                         "nodeSelector": {}}}))  # {}: pre-warm every node
             deadline = time.monotonic() + 300
             while (custom.get_cluster_custom_object(GROUP, VERSION, IMAGE_CACHES, "golden")
                    .get("status", {}).get("nodeCount")) != a.nodes:

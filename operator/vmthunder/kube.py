@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import kubernetes
 
 
@@ -15,7 +17,8 @@ def load_api_client(pool_size: int = 4) -> kubernetes.client.ApiClient:
         kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=configuration)
     except kubernetes.config.ConfigException:
+        # $KUBECONFIG read now: the library reads it once, when it is first imported.
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration)
+            config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
     configuration.connection_pool_maxsize = pool_size
     return kubernetes.client.ApiClient(configuration)
