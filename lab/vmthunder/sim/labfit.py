@@ -3,10 +3,10 @@
 A lab run (bench/provision.py keeps every run's record) gives most figures directly: the link
 rate the lab shaped, when each VM's disk was published (the simulator's attach), how fast a
 boot reads the node's own disk (the local-disk floor run). The recorded boot becomes the
-simulator's profile with the gaps the lab replayed. One figure no lab run shows on its own is
-the per-request cost of the node stack under TCG (initiator, target, device-mapper in
-emulated guests) is the throughput of the host's cores that every transfer crosses: it is
-fitted so the simulator reproduces one run's all-booted time. The forecast for a run of
+simulator's profile with the gaps the lab replayed. One figure no lab run shows on its own,
+the throughput of the host's cores that every transfer crosses (they emulate every guest's
+initiator, target and device-mapper under TCG), is fitted so the simulator reproduces one
+run's all-booted time. The forecast for a run of
 another size then uses nothing measured in that run: what each guest does alone scales with
 the number of guests sharing the host (`scaled_to`).
 """
@@ -21,8 +21,8 @@ from typing import Any
 
 from vmthunder.lab.profile import BootProfile as Recording
 from vmthunder.sim.calibration import Calibration, calibrated
-from vmthunder.sim.engine import Mode, Scenario, local_boot_s, simulate
-from vmthunder.sim.profile import BootProfile, Read, plan_steps
+from vmthunder.sim.engine import Mode, Scenario, simulate
+from vmthunder.sim.profile import BootProfile, Read
 
 
 def profile_from_recording(rec: Recording, gap_scale: float) -> BootProfile:
@@ -94,12 +94,8 @@ def _scenario(run: LabRun, prefetch: bool) -> Scenario:
                     origin_fanout=run.origin_fanout, prefetch=prefetch)
 
 
-def predict(run: LabRun, profile: BootProfile, cal: Calibration, attach_s: float | None = None,
-            ) -> float:
-    """The simulator's all-booted time for a run's size and tree (its measured times unused
-    unless attach_s is taken from it)."""
-    if attach_s is not None:
-        cal = calibrated(cal, attach_s=attach_s)
+def predict(run: LabRun, profile: BootProfile, cal: Calibration) -> float:
+    """The simulator's all-booted time for a run's size and tree (its measured times unused)."""
     prefetch = "prefetch" in run.mode
     return simulate(_scenario(run, prefetch), profile, cal).all_booted_s
 
@@ -125,7 +121,3 @@ def scaled_to(cal: Calibration, fitted_n: int, n: int) -> Calibration:
     fitted_n times as long; the transfers already share the host link."""
     k = n / fitted_n
     return calibrated(cal, attach_s=cal.attach_s * k, local_request_s=cal.local_request_s * k)
-
-
-def local_floor_s(profile: BootProfile, cal: Calibration) -> float:
-    return local_boot_s(plan_steps(profile, cal.region_bytes, cal.merge_gap_s), cal)

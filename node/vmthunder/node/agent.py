@@ -276,9 +276,9 @@ class Agent:
                     if not self._remove(image)]
             self.wanted = None if kept else wanted  # kept ones: try again next round
             self.swept_at = now
-        for image in set(self.statuses) - wanted:
-            del self.statuses[image]
-            self.converged.pop(image, None)
+        for per_image in (self.statuses, self.converged):
+            for image in set(per_image) - wanted:
+                del per_image[image]
 
     def _kernel_images(self) -> set[str]:
         out = set()
@@ -307,7 +307,6 @@ class Agent:
             h.join(10)
         log.info("removing the stack of %s", image)
         stack.remove_image(image, self.node, self.backend, self.transport, None)
-        self.converged.pop(image, None)
         return True
 
     def _replica(self, r: Mapping[str, Any]) -> None:

@@ -255,7 +255,7 @@ def fail_queued_reads(image: str) -> None:
     that will not come back: the stack is going away, and a hydrator blocked in such a read
     keeps the cache device open (busy: it could never be removed)."""
     src = names.src_dev(image)
-    if dm.exists(src) and any(t.type == "multipath" for t in dm.table(src)):
+    if any(t.type == "multipath" for t in dm.table_if_exists(src) or []):
         dm.message(src, ["fail_if_no_path"])
 
 
