@@ -24,6 +24,7 @@ from vmthunder.node.agent import (
     plan_removals,
     plan_status,
     plan_status_write,
+    session_states,
 )
 from vmthunder.node.cache import CacheState
 from vmthunder.node.hydrate import UNLIMITED, Hydrator, Upstream, hydration_order, upstream_of
@@ -98,13 +99,18 @@ def test_a_converged_image_is_reread_whole_only_on_a_change_or_the_resync() -> N
     want = Want("img", "n", 1 << 20, 65536, TargetAddress("10.0.0.2:3260", "iqn.x:o"), None,
                 "10.0.0.11")
     hydrating = CacheState("caching", 3, 16)
-    on = frozenset({want.parent}) if want.parent else frozenset()
+    assert want.parent is not None
+    on = session_states([want.parent], ())
     last = Converged(want, "caching", False, on, "@origin", at=100.0)
     assert plan_full_round(None, want, hydrating, on, 100.0)
     assert not plan_full_round(last, want, CacheState("caching", 9, 16), on, 101.0)  # progress
     assert plan_full_round(last, want, CacheState("caching", 16, 16), on, 101.0)  # to detach
     assert plan_full_round(last, want, CacheState("absent"), on, 101.0)  # someone removed it
     assert plan_full_round(last, want, hydrating, frozenset(), 101.0)  # the session went away
+    broke = session_states([want.parent], [want.parent])
+    assert plan_full_round(last, want, hydrating, broke, 101.0)  # the parent went away...
+    down = Converged(want, "caching", False, broke, "@origin", at=100.0)
+    assert plan_full_round(down, want, hydrating, on, 101.0)  # ...and came back: reinstate
     moved = Want("img", "n", 1 << 20, 65536, TargetAddress("10.0.0.12:3260", "iqn.x:b.img"),
                  None, "10.0.0.11")
     assert plan_full_round(last, moved, hydrating, on, 101.0)  # re-parented

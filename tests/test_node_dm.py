@@ -45,3 +45,15 @@ def test_multipath_table_queues_when_no_path() -> None:
 def test_snapshot_table_is_persistent_by_default() -> None:
     assert dm.snapshot(10, "/dev/mapper/vmt-img", "/dev/loop1").line() == (
         "0 10 snapshot /dev/mapper/vmt-img /dev/loop1 P 16")
+
+
+def test_multipath_status_names_the_failed_paths() -> None:
+    def failed(status: str) -> frozenset[str]:
+        return dm.multipath_failed_paths(status.split())
+
+    # features (2 values), no handler, one group (active, round-robin: no status), two paths
+    # with no selector info: 8:0 active, 8:16 failed twice
+    assert failed("2 1 0 0 1 1 A 0 2 0 8:0 A 0 8:16 F 2") == frozenset({"8:16"})
+    # queue-length selector: one info value per path; two groups
+    assert failed("2 0 0 0 2 1 A 0 1 1 8:0 F 1 0 E 0 1 1 8:32 A 0 3") == frozenset({"8:0"})
+    assert failed("2 0 0 0 1 1 A 0 1 0 8:0 A 0") == frozenset()

@@ -55,6 +55,16 @@ def test_reparent_logs_in_reloads_source_then_logs_out_of_old_parent() -> None:
     assert stack.plan_image(w, seen) == [stack.Attach(A), stack.SetSource(A), stack.Logout(ORIGIN)]
 
 
+def test_a_failed_path_is_reinstated_once_its_session_carries_io_again() -> None:
+    w = want()
+    seen = built(w, ORIGIN, CacheState("caching", 3, 1024))
+    outage = stack.Seen(**{**seen.__dict__, "failed_paths": frozenset({"8:0"}),
+                           "broken": frozenset({ORIGIN})})
+    assert stack.plan_image(w, outage) == []  # still down: reads keep queuing
+    back = stack.Seen(**{**outage.__dict__, "broken": frozenset()})
+    assert stack.plan_image(w, back) == [stack.ReinstatePath("8:0")]
+
+
 def test_hydrated_cache_detaches_removes_source_and_logs_out() -> None:
     w = want()
     steps = stack.plan_image(w, built(w, ORIGIN, CacheState("caching", 1024, 1024)))

@@ -21,7 +21,7 @@ import base64
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -152,16 +152,22 @@ class Converged:
     want: stack.Want
     cache_kind: str
     cache_complete: bool
-    sessions: frozenset[TargetAddress]  # the image's iSCSI sessions (sysfs: cheap to read)
+    # The image's iSCSI sessions, each with whether it carries I/O (sysfs: cheap to read)
+    sessions: frozenset[tuple[TargetAddress, bool]]
     attached_parent: str
     at: float  # monotonic seconds
 
 
+def session_states(sessions: Iterable[TargetAddress],
+                   broken: Collection[TargetAddress]) -> frozenset[tuple[TargetAddress, bool]]:
+    return frozenset((a, a not in broken) for a in sessions)
+
+
 def plan_full_round(last: Converged | None, want: stack.Want, cache: CacheState,
-                    sessions: frozenset[TargetAddress], now: float) -> bool:
+                    sessions: frozenset[tuple[TargetAddress, bool]], now: float) -> bool:
     """Whether the round must read the whole stack and plan: something wanted changed, the
-    cache layer changed state (completion is when it detaches), a session came or went, or
-    the resync is due."""
+    cache layer changed state (completion is when it detaches), a session came, went, broke
+    or recovered, or the resync is due."""
     return (last is None or last.want != want or last.cache_kind != cache.kind
             or last.cache_complete != cache.complete or last.sessions != sessions
             or now - last.at >= RESYNC_SECONDS)
@@ -338,8 +344,9 @@ class Agent:
         message = ""
         attached = ""
         cache = self.backend.observe(image)
-        sessions = frozenset(stack.sessions_of_image(image, origin_iqn,
-                                                     self.transport.attached()))
+        sessions = session_states(
+            stack.sessions_of_image(image, origin_iqn, self.transport.attached()),
+            self.transport.broken())
         last = self.converged.pop(image, None)  # kept below only if this round changes nothing
         now = time.monotonic()
         if not size:
@@ -359,8 +366,9 @@ class Agent:
             if cache.kind == "caching" and parent is not None and on_parent:
                 attached = str(spec["parent"])
             if not steps:
-                self.converged[image] = Converged(w, cache.kind, cache.complete,
-                                                  frozenset(seen.sessions), attached, now)
+                self.converged[image] = Converged(
+                    w, cache.kind, cache.complete, session_states(seen.sessions, seen.broken),
+                    attached, now)
         upstream = upstream_of(spec.get("parent") == names.ORIGIN, parent_status)
         h = self._hydrator(image, cache, cspec, size, region, parent is not None, upstream)
         c = stack.counters(image)

@@ -393,6 +393,35 @@ def multipath(sectors: int, paths: Sequence[str], *, queue_if_no_path: bool = Tr
 
 # --- dm-stats (per-area I/O counters) -------------------------------------------------------
 
+def multipath_failed_paths(fields: Sequence[str]) -> frozenset[str]:
+    """The paths ("8:0") a multipath target's status marks failed (F). Nothing reinstates a
+    failed path by itself (multipathd would): a parent that comes back stays unused until
+    `reinstate_path`. Status layout: features, handler, groups, then per group its state,
+    selector status, paths and per path <dev> <A|F> <fail count> <selector info>."""
+    it = iter(fields)
+
+    def skip(n: int) -> None:
+        for _ in range(n):
+            next(it)
+
+    failed = set()
+    skip(int(next(it)))  # features
+    skip(int(next(it)))  # hardware handler
+    groups = int(next(it))
+    next(it)  # the next group to use
+    for _ in range(groups):
+        next(it)  # group state
+        skip(int(next(it)))  # selector status of the group
+        paths, info_args = int(next(it)), int(next(it))
+        for _ in range(paths):
+            dev, state = next(it), next(it)
+            next(it)  # fail count
+            skip(info_args)
+            if state == "F":
+                failed.add(dev)
+    return frozenset(failed)
+
+
 @dataclass(frozen=True)
 class AreaCounters:
     start: int  # sector

@@ -53,6 +53,8 @@ class Seen:
     cache: CacheState = field(default_factory=lambda: CacheState("absent"))
     export_dev: bool = False
     export: lio.ExportInfo | None = None
+    failed_paths: frozenset[str] = frozenset()  # -src's multipath paths marked failed ("8:0")
+    broken: frozenset[TargetAddress] = frozenset()  # sessions of the image carrying no I/O
 
 
 # --- steps ------------------------------------------------------------------------------------
@@ -65,6 +67,11 @@ class Attach:
 @dataclass(frozen=True)
 class SetSource:
     address: TargetAddress  # -src over this address's disk (create, or reload)
+
+
+@dataclass(frozen=True)
+class ReinstatePath:
+    device: str  # "8:0": the parent's disk, back after an outage
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,8 @@ class Logout:
     address: TargetAddress
 
 
-Step = (Attach | SetSource | BuildCache | BuildExportDev | Export | DetachCache | RemoveSource
-        | Logout)
+Step = (Attach | SetSource | ReinstatePath | BuildCache | BuildExportDev | Export | DetachCache
+        | RemoveSource | Logout)
 
 
 def export_spec(w: Want) -> lio.ExportSpec:
@@ -124,6 +131,10 @@ def plan_image(w: Want, s: Seen) -> list[Step]:
             )
             if not points_at_parent:
                 steps.append(SetSource(w.parent))
+            elif s.sessions[w.parent] in s.failed_paths and w.parent not in s.broken:
+                # The parent's session recovered, but multipath still shuns the path its
+                # outage failed: reads would queue for ever.
+                steps.append(ReinstatePath(s.sessions[w.parent]))
         if s.cache.kind == "absent":
             if w.parent is None and s.src_table is None:
                 return steps  # nothing to read from yet
@@ -171,17 +182,22 @@ def observe(image: str, origin_iqn: str | None, backend: CacheBackend, transport
     src = names.src_dev(image)
     src_table: tuple[str, ...] | None = None
     src_kind: str | None = None
+    failed: frozenset[str] = frozenset()
     t = dm.table_if_exists(src)
     if t is not None:
         src_kind = t[0].type if t else None
         src_table = tuple(_table_devices(t))
+    if src_kind == "multipath":
+        st = dm.status_if_exists(src) or []
+        failed = frozenset().union(*(dm.multipath_failed_paths(x.fields) for x in st))
     attached = {a: _devno(d) for a, d in transport.attached().items()}
+    sessions = sessions_of_image(image, origin_iqn, attached)
     exports = {e.iqn: e for e in lio.exports()}
     return Seen(
-        src_table=src_table, src_kind=src_kind,
-        sessions=sessions_of_image(image, origin_iqn, attached),
+        src_table=src_table, src_kind=src_kind, sessions=sessions,
         cache=backend.observe(image), export_dev=dm.exists(names.export_dev(image)),
-        export=exports.get(export_iqn),
+        export=exports.get(export_iqn), failed_paths=failed,
+        broken=transport.broken() & sessions.keys(),
     )
 
 
@@ -232,6 +248,8 @@ def _apply_step(w: Want, step: Step, backend: CacheBackend, transport: Transport
             dm.reload(src, table, noflush=w.multipath)
         else:
             dm.create(src, table, readonly=True)
+    elif isinstance(step, ReinstatePath):
+        dm.message(src, ["reinstate_path", step.device])
     elif isinstance(step, BuildCache):
         backend.build(w.image, w.size, w.region_bytes)
     elif isinstance(step, BuildExportDev):

@@ -20,6 +20,9 @@ class Transport(Protocol):
     def attached(self) -> dict[TargetAddress, str]:
         """Every connection this transport holds now, with its local device."""
 
+    def broken(self) -> frozenset[TargetAddress]:
+        """The connections held that carry no I/O now (their peer is gone, maybe for now)."""
+
 
 class IscsiTransport:
     """open-iscsi. `replacement_timeout` is how long the SCSI layer queues I/O for a dead
@@ -47,3 +50,7 @@ class IscsiTransport:
             for lun, disk in s.disks.items():
                 result[TargetAddress(s.portal, s.iqn, lun)] = disk
         return result
+
+    def broken(self) -> frozenset[TargetAddress]:
+        return frozenset(TargetAddress(s.portal, s.iqn, lun) for s in iscsi.sessions()
+                         if s.state != "LOGGED_IN" for lun in s.disks)
