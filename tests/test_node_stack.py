@@ -65,6 +65,16 @@ def test_a_failed_path_is_reinstated_once_its_session_carries_io_again() -> None
     assert stack.plan_image(w, back) == [stack.ReinstatePath("8:0")]
 
 
+def test_a_session_another_image_reads_through_is_never_logged_out() -> None:
+    # Two caches of one source share the origin's session: the complete one lets it be.
+    w = want(shared=frozenset({ORIGIN}))
+    steps = stack.plan_image(w, built(w, ORIGIN, CacheState("caching", 1024, 1024)))
+    assert kinds(steps) == ["DetachCache", "RemoveSource"]
+    moved = want(parent=A, shared=frozenset({ORIGIN}))
+    seen = built(moved, ORIGIN, CacheState("caching", 3, 1024))
+    assert stack.plan_image(moved, seen) == [stack.Attach(A), stack.SetSource(A)]
+
+
 def test_hydrated_cache_detaches_removes_source_and_logs_out() -> None:
     w = want()
     steps = stack.plan_image(w, built(w, ORIGIN, CacheState("caching", 1024, 1024)))

@@ -260,6 +260,7 @@ class Agent:
         self.converged: dict[str, Converged] = {}
         self.wanted: set[str] | None = None  # the images of the last sweep for removals
         self.swept_at = 0.0
+        self.parents: dict[str, TargetAddress | None] = {}  # per image, as last wanted
 
     def round(self) -> None:
         with metrics.ROUND_SECONDS.time():
@@ -282,9 +283,13 @@ class Agent:
                     if not self._remove(image)]
             self.wanted = None if kept else wanted  # kept ones: try again next round
             self.swept_at = now
-        for per_image in (self.statuses, self.converged):
+        for per_image in (self.statuses, self.converged, self.parents):
             for image in set(per_image) - wanted:
                 del per_image[image]
+
+    def _shared(self, image: str) -> frozenset[TargetAddress]:
+        """The parents the node's other images read through."""
+        return frozenset(a for other, a in self.parents.items() if other != image and a)
 
     def _kernel_images(self) -> set[str]:
         out = set()
@@ -312,7 +317,8 @@ class Agent:
             stack.fail_queued_reads(image)  # a read waiting on a departed parent lets go
             h.join(10)
         log.info("removing the stack of %s", image)
-        stack.remove_image(image, self.node, self.backend, self.transport, None)
+        stack.remove_image(image, self.node, self.backend, self.transport, None,
+                           self._shared(image))
         return True
 
     def _replica(self, r: Mapping[str, Any]) -> None:
@@ -339,8 +345,9 @@ class Agent:
             image=image, node=self.node, size=size, region_bytes=region, parent=parent,
             parent_chap=chap, export_ip=self.export_ip, children=children, children_chap=chap,
             detach_when_hydrated=cspec.get("detachPolicy", "WhenHydrated") == "WhenHydrated",
-            multipath=self.multipath,
+            multipath=self.multipath, shared=self._shared(image),
         )
+        self.parents[image] = parent
         message = ""
         attached = ""
         cache = self.backend.observe(image)

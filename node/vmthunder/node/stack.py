@@ -41,6 +41,9 @@ class Want:
     children_chap: Chap | None = None
     detach_when_hydrated: bool = True
     multipath: bool = True  # -src as dm-multipath queue_if_no_path (else dm-linear)
+    # Sessions other images on this node read through (two caches of one source share the
+    # origin's session): never logged out for this one.
+    shared: frozenset[TargetAddress] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -150,9 +153,10 @@ def plan_image(w: Want, s: Seen) -> list[Step]:
             steps.append(DetachCache())
         if s.src_table is not None and s.src_kind != "error":
             steps.append(RemoveSource())
-        steps += [Logout(a) for a in sorted(s.sessions, key=_key)]
+        steps += [Logout(a) for a in sorted(s.sessions, key=_key) if a not in w.shared]
     else:
-        steps += [Logout(a) for a in sorted(s.sessions, key=_key) if a != w.parent]
+        steps += [Logout(a) for a in sorted(s.sessions, key=_key)
+                  if a != w.parent and a not in w.shared]
     return steps
 
 
@@ -278,8 +282,9 @@ def fail_queued_reads(image: str) -> None:
 
 
 def remove_image(image: str, node: str, backend: CacheBackend, transport: Transport,
-                 origin_iqn: str | None) -> None:
-    """Tears the image's stack down (volumes over it must be gone first)."""
+                 origin_iqn: str | None, shared: frozenset[TargetAddress] = frozenset()) -> None:
+    """Tears the image's stack down (volumes over it must be gone first), keeping the
+    sessions other images read through."""
     fail_queued_reads(image)
     lio.remove_export(names.export_iqn(image, node), names.backstore(image))
     dm.remove(names.export_dev(image))
@@ -287,7 +292,8 @@ def remove_image(image: str, node: str, backend: CacheBackend, transport: Transp
     dm.remove(names.src_dev(image))
     attached = transport.attached()
     for a in sessions_of_image(image, origin_iqn, attached):
-        transport.detach(a)
+        if a not in shared:
+            transport.detach(a)
 
 
 @dataclass(frozen=True)
