@@ -106,6 +106,7 @@ class NodeRun:
     hydrated: float | None = None
     detached: float | None = None
     reads: int = 0
+    max_read_s: float = 0.0  # the longest single read: the pause the VM saw
     read_error: str | None = None
     sha_ok: bool = False
     bytes_from_parent: int = 0
@@ -134,6 +135,7 @@ def summarize(nodes: Sequence[NodeRun]) -> dict[str, Any]:
                    p95_booted=percentile(booted, 95))
     if boots:
         out.update(mean_boot=statistics.fmean(boots), p95_boot=percentile(boots, 95))
+    out["max_read_s"] = max((n.max_read_s for n in nodes), default=0.0)
     hydrated = [n.hydrated for n in nodes if n.hydrated is not None]
     if len(hydrated) == len(nodes) and nodes:
         out["all_hydrated"] = max(hydrated)
@@ -190,6 +192,8 @@ class Run:
     tree_problems: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
     setup_seconds: float = 0.0
+    started: float = 0.0  # t0, the epoch time the ImageCache was applied
+    faults: list[str] = field(default_factory=list)  # what was injected, when
 
     def summary(self) -> dict[str, Any]:
         s = summarize(self.nodes)
@@ -204,7 +208,7 @@ class Run:
                 "nodes": [asdict(n) | {"boot_seconds": n.boot_seconds} for n in self.nodes],
                 "origin_bytes": self.origin_bytes, "tree_problems": self.tree_problems,
                 "samples": self.samples, "wall_seconds": self.wall_seconds,
-                "setup_seconds": self.setup_seconds}
+                "setup_seconds": self.setup_seconds, "faults": self.faults}
 
 
 # --- the environment --------------------------------------------------------------------------
@@ -285,6 +289,8 @@ def read_sectors(g: Guest, dev: str = "vda") -> int:
 
 
 def tx_bytes(g: Guest) -> int:
+    if not g.alive():  # killed by a fault: nothing more to count
+        return 0
     return int(_quick(g, "cat /sys/class/net/eth0/statistics/tx_bytes").strip())
 
 
@@ -529,8 +535,12 @@ class Rig:
         })
 
     def provision(self, name: str = "golden", *, prefetch: bool | None = None,
-                  wait_hydrated: bool = True, mode: str | None = None) -> Run:
-        """One ImageCache, one volume and one VM boot per node; returns the record."""
+                  wait_hydrated: bool = True, mode: str | None = None,
+                  fault: Callable[[Rig, Run], None] | None = None) -> Run:
+        """One ImageCache, one volume and one VM boot per node; returns the record.
+
+        `fault`, if given, runs in its own thread from t0 on (it watches `run` and injects
+        what it likes, noting it in run.faults); the wait for hydration skips killed guests."""
         o = self.options
         prefetch = o.prefetch if prefetch is None else prefetch
         nodes = self.lab.nodes
@@ -544,23 +554,33 @@ class Rig:
         tx0 = dict(zip([g.name for g in nodes], _par(tx_bytes, nodes), strict=True))
         wall0 = time.monotonic()
         self.apply_image_cache(name, prefetch)
-        t0 = time.time()
+        t0 = run.started = time.time()
         stop = threading.Event()
         mon = threading.Thread(target=self._monitor, args=(name, run, runs, t0, origin0, stop),
                                daemon=True)
         mon.start()
         errors: list[str] = []
+        injector = None
+        if fault is not None:
+            def inject() -> None:
+                try:
+                    fault(self, run)
+                except Exception as e:  # reported with the run, which goes on
+                    errors.append(f"fault injector: {type(e).__name__}: {e}")
+            injector = threading.Thread(target=inject, daemon=True)
+            injector.start()
 
         def one(g: Guest) -> None:
             nr = runs[g.name]
             try:
-                vid, context = self._create_volume(name, g.name)
+                vid, context = self.create_volume(name, g.name)
                 nr.created = time.time() - t0
                 out = self._boot(g, vid, context)
                 for key in ("staged", "published", "first_byte", "booted"):
                     stamp = self.host_time(g, out.get(f"t_{key}"))
                     setattr(nr, key, None if stamp is None else stamp - t0)
                 nr.reads = int(out["reads"])
+                nr.max_read_s = float(out.get("max_read_s") or 0.0)
                 nr.read_error = out["error"]
                 if o.real_boot:
                     if out["error"] is None:
@@ -579,11 +599,13 @@ class Rig:
             for f in [pool.submit(one, g) for g in nodes]:
                 f.result()
             pool.shutdown()
+            if injector is not None:
+                injector.join(60)
             run.origin_bytes_at_all_booted = self.origin_bytes() - origin0
             if wait_hydrated:
                 deadline = time.monotonic() + o.hydrate_timeout
                 while time.monotonic() < deadline and not all(
-                        n.detached is not None for n in run.nodes):
+                        runs[g.name].detached is not None for g in nodes if g.alive()):
                     time.sleep(1)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -602,7 +624,8 @@ class Rig:
             self.printer.say("errors: " + "; ".join(errors)[:3000])
         return run
 
-    def _create_volume(self, image: str, node: str) -> tuple[str, dict[str, str]]:
+    def create_volume(self, image: str, node: str, pvc: str | None = None
+                      ) -> tuple[str, dict[str, str]]:
         """CreateVolume as external-provisioner sends it under WaitForFirstConsumer."""
         from vmthunder.csi.client import connect
         from vmthunder.csi.proto import csi_pb2
@@ -618,7 +641,7 @@ class Rig:
             while True:
                 try:
                     vol = c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
-                        name=f"pvc-{image}-{node}", parameters={"imageCache": image},
+                        name=pvc or f"pvc-{image}-{node}", parameters={"imageCache": image},
                         volume_capabilities=[block],
                         capacity_range=csi_pb2.CapacityRange(required_bytes=self.profile.image_size),
                         accessibility_requirements=csi_pb2.TopologyRequirement(
@@ -819,6 +842,8 @@ def report(run: Run, out: TextIO = sys.stdout) -> None:
     print(render_tree(parents, notes, root_label=f"origin ({run.name})"), file=out)
     if run.tree_problems:
         print("tree problems: " + "; ".join(run.tree_problems), file=out)
+    for f in run.faults:
+        print(f"fault injected: {f}", file=out)
     print("\nseconds since the ImageCache was applied", file=out)
     print(f"{'node':9} {'parent':9} {'d':>1} {'volume':>7} {'attach':>7} {'staged':>7} "
           f"{'1st B':>7} {'booted':>7} {'boot':>6} {'hydrat.':>7} {'detach':>7} "
@@ -835,8 +860,8 @@ def report(run: Run, out: TextIO = sys.stdout) -> None:
         print(f"\nall booted {s['all_booted']:.1f} s, mean {s['mean_booted']:.1f} s, "
               f"p95 {s['p95_booted']:.1f} s (VM boot alone: mean {s.get('mean_boot', 0):.1f} s, "
               f"p95 {s.get('p95_boot', 0):.1f} s); {s['booted']}/{s['nodes']} booted, "
-              f"{s['read_errors']} read errors, {s['sha_mismatches']} checksum mismatches",
-              file=out)
+              f"{s['read_errors']} read errors, {s['sha_mismatches']} checksum mismatches; "
+              f"longest single read {s['max_read_s']:.2f} s", file=out)
     hyd = (f"all hydrated {s['all_hydrated']:.1f} s" if "all_hydrated" in s
            else "not all hydrated within the wait")
     det = f"all detached {s['all_detached']:.1f} s" if "all_detached" in s else "not all detached"
