@@ -185,3 +185,12 @@ def test_a_hydrated_node_serves_while_the_origin_is_away_and_the_others_resume_a
         g = rig.lab.guest(n)
         dev = f"/dev/mapper/{names.cache_dev(o.image)}"
         assert labdrive.guest_sha256(g, dev, rig.profile.image_size) == image, n
+    # All complete and detached: no node holds a session any more (both images read through
+    # the origin's one session; the last to detach logs it out).
+    for n in o.progress_at_freeze:
+        g = rig.lab.guest(n)
+        deadline = time.monotonic() + 90
+        while held := g.run("cat /sys/class/iscsi_session/*/targetname 2>/dev/null",
+                            timeout=30).stdout.strip():
+            assert time.monotonic() < deadline, f"{n} still holds sessions to {held}"
+            time.sleep(2)

@@ -347,10 +347,11 @@ class Agent:
             detach_when_hydrated=cspec.get("detachPolicy", "WhenHydrated") == "WhenHydrated",
             multipath=self.multipath, shared=self._shared(image),
         )
-        self.parents[image] = parent
         message = ""
         attached = ""
         cache = self.backend.observe(image)
+        # A detached cache reads from no one: it keeps no session alive for the others.
+        self.parents[image] = None if cache.kind == "detached" else parent
         sessions = session_states(
             stack.sessions_of_image(image, origin_iqn, self.transport.attached()),
             self.transport.broken())
