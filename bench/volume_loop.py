@@ -70,6 +70,7 @@ for vid, ctx in vols:
         target_path=tgt), timeout=60)
     c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(volume_id=vid,
         staging_target_path=st), timeout=60)
+    os.rmdir(st)  # kubelet's part; fails if the plugin left something in it
     done += 1
 print(json.dumps({'done': done}))
 """
@@ -136,8 +137,15 @@ def main() -> int:
             rows.append(row)
             print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items()), flush=True)
-        leaks = {k: rows[-1][k] for k in ("dm", "loops", "cow", "staging", "targets",
-                                           "imagevolumes")}
+        # Deleted volumes go asynchronously: the node plugin removes a COW file once its
+        # ImageVolume is deleting, then releases the object's finalizer.
+        t_settle = time.monotonic()
+        kinds = ("dm", "loops", "cow", "staging", "targets", "imagevolumes")
+        while any((last := census(rig))[k] for k in kinds) and (
+                time.monotonic() - t_settle < 180):
+            time.sleep(2)
+        leaks = {k: last[k] for k in kinds}
+        print(f"settled {time.monotonic() - t_settle:.0f} s after the last DeleteVolume")
         growth = {p: rows[-1][p] / rows[1][p] - 1 if len(rows) > 1 and rows[1][p] else 0.0
                   for p in ("rss_csi", "rss_agent")}
         per_volume = (time.monotonic() - t_start) / made
