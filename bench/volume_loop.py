@@ -141,8 +141,10 @@ def main() -> int:
         # ImageVolume is deleting, then releases the object's finalizer.
         t_settle = time.monotonic()
         kinds = ("dm", "loops", "cow", "staging", "targets", "imagevolumes")
-        while any((last := census(rig))[k] for k in kinds) and (
-                time.monotonic() - t_settle < 180):
+        while True:
+            last = census(rig)
+            if not any(last[k] for k in kinds) or time.monotonic() - t_settle >= 180:
+                break
             time.sleep(2)
         leaks = {k: last[k] for k in kinds}
         print(f"settled {time.monotonic() - t_settle:.0f} s after the last DeleteVolume")
