@@ -85,7 +85,7 @@ CENSUS = (
     "echo targets=$(ls /var/lib/kubelet/pods/loop/volumeDevices/kubernetes.io~csi "
     "2>/dev/null | wc -l);"
     "for p in 'vmthunder.cli csi' 'vmthunder.cli agent'; do "
-    "echo rss_${p##* }=$(awk '/VmRSS/{print $2}' /proc/$(pgrep -f \"$p\" | head -1)/status);"
+    "echo rss_${p##* }=$(awk '/VmRSS/{print $2}' /proc/$(pgrep -of \"$p\")/status);"
     "done"
 )
 
