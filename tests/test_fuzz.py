@@ -27,7 +27,7 @@ from vmthunder.lab.profile import parse_profile as parse_recorded
 from vmthunder.node.hydrate import Read, parse_profile
 from vmthunder.operator.model import CacheSpec, NodeFacts, ReplicaFacts, replica_name
 from vmthunder.operator.planner import ORIGIN, NodeState, Placement, plan_tree
-from vmthunder.operator.reconcile import plan_replicas
+from vmthunder.operator.reconcile import ReplicaPlan, plan_replicas
 
 EXAMPLES = int(os.environ.get("VMT_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,
@@ -307,3 +307,24 @@ def test_recorded_header_with_nan_or_unicode_digits_is_rejected() -> None:
     lines[8] = f"end {_records_digest(lines[7:8])}"
     with pytest.raises(ProfileError, match="expected '<offset> <length> <gap_us>'"):
         parse_recorded("\n".join(lines))
+
+
+def test_a_parent_that_missed_a_heartbeat_while_its_child_lost_it_loses_its_children() -> None:
+    spec = CacheSpec(fanout=2, origin_fanout=1, node_selector={})
+    nodes = [NodeFacts(n, True) for n in ("a", "b", "c")]
+
+    def replicas(a_beat_ago: float, b_lost: bool) -> list[ReplicaFacts]:
+        beat = NOW - timedelta(seconds=5)
+        return [ReplicaFacts("img.a", "img", "a", ORIGIN, 1, "Hydrating",
+                             NOW - timedelta(seconds=a_beat_ago)),
+                ReplicaFacts("img.b", "img", "b", "a", 2, "Hydrating", beat, parent_lost=b_lost),
+                ReplicaFacts("img.c", "img", "c", "a", 2, "Hydrating", beat)]
+
+    def moved(plan: ReplicaPlan) -> set[str]:
+        return {u.node for u in plan.update}
+
+    # a missed its 15 s heartbeat and b lost its session to it: both children move
+    assert moved(plan_replicas("img", spec, nodes, replicas(25, True), set(), NOW)) == {"b", "c"}
+    # a heartbeats: b alone cannot reach it, nobody moves (nor on a late heartbeat alone)
+    assert moved(plan_replicas("img", spec, nodes, replicas(5, True), set(), NOW)) == set()
+    assert moved(plan_replicas("img", spec, nodes, replicas(25, False), set(), NOW)) == set()

@@ -119,6 +119,22 @@ def test_a_converged_image_is_reread_whole_only_on_a_change_or_the_resync() -> N
     assert plan_full_round(last, want, hydrating, on, 100.0 + RESYNC_SECONDS)
 
 
+def test_a_lost_parent_is_reported_since_first_seen_and_cleared_once_it_carries_io() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    lost = Report(**{**report(CacheState("caching", 2, 16), 10).__dict__, "parent_lost": True})
+    first = plan_status(lost, {}, t0)
+    assert first["parentLostAt"] == "2026-01-01T00:00:00Z"
+    later = t0 + timedelta(seconds=5)
+    assert plan_status(lost, first, later)["parentLostAt"] == first["parentLostAt"]
+    back = plan_status(report(CacheState("caching", 2, 16), 10), first, later)
+    assert back["parentLostAt"] is None  # deletes the field: the status goes as a merge patch
+    assert plan_status_write(first, back, later)
+    # None and absent are the same status: no write for that alone
+    settled = {k: v for k, v in back.items() if v is not None}
+    assert not plan_status_write(settled, plan_status(report(CacheState("caching", 2, 16), 10),
+                                                      settled, later), later)
+
+
 def test_an_unchanged_status_is_written_only_as_a_heartbeat() -> None:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     st = plan_status(report(CacheState("caching", 2, 16), 10), {}, t0)

@@ -168,6 +168,23 @@ def test_failed_or_silent_replica_loses_its_children(cluster: Cluster) -> None:
     cluster.set_replica_status("golden", silent, heartbeat=datetime.now(UTC).isoformat())
 
 
+def test_a_parent_its_child_lost_and_that_missed_a_heartbeat_loses_its_children(
+        cluster: Cluster) -> None:
+    parents = cluster.parents("golden")
+    parent = sorted({p for p in parents.values() if p != ORIGIN})[2]
+    child = sorted(n for n, p in parents.items() if p == parent)[0]
+    now = datetime.now(UTC)
+    missed = (now - timedelta(seconds=30)).isoformat().replace("+00:00", "Z")  # not yet stale
+    cluster.set_replica_status("golden", parent, phase="Hydrating", heartbeat=missed)
+    cluster.set_replica_status("golden", child, phase="Hydrating",
+                               heartbeat=now.isoformat().replace("+00:00", "Z"),
+                               parentLostAt=now.isoformat().replace("+00:00", "Z"))
+    wait_for("children moved off the lost parent",
+             lambda: parent not in set(cluster.parents("golden").values()), timeout=30)
+    cluster.set_replica_status("golden", parent, heartbeat=datetime.now(UTC).isoformat())
+    cluster.set_replica_status("golden", child, parentLostAt=None)
+
+
 def test_node_with_a_volume_gets_a_replica_on_demand(cluster: Cluster) -> None:
     cluster.add_node("lonely", zone="zone-9")
     assert cluster.apply(image_cache("on-demand", fanout=2)).returncode == 0

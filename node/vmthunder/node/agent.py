@@ -106,6 +106,7 @@ class Report:
     attached_parent: str
     initiator: str
     message: str
+    parent_lost: bool = False  # the session to the wanted parent carries no I/O
 
 
 def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[str, Any]:
@@ -127,6 +128,8 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
         total = int(previous.get("totalRegions", 0)) or total
         hydrated = total
     return {
+        # None deletes the field (the status is sent as a merge patch)
+        "parentLostAt": (previous.get("parentLostAt") or stamp) if r.parent_lost else None,
         "phase": r.phase,
         "hydratedRegions": hydrated,
         "totalRegions": total,
@@ -177,7 +180,7 @@ def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
                       now: datetime) -> bool:
     """A changed status is written at once; an unchanged one only as a heartbeat."""
     def content(s: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in s.items() if k != "heartbeat"}
+        return {k: v for k, v in s.items() if k != "heartbeat" and v is not None}
 
     if content(previous) != content(status):
         return True
@@ -387,6 +390,7 @@ class Agent:
             hydrated_in_order=h.hydrated_in_order if h else 0,
             export=TargetAddress(f"{self.export_ip}:3260", names.export_iqn(image, self.node)),
             attached_parent=attached, initiator=self.initiator,
+            parent_lost=parent is not None and (parent, False) in sessions,
             message=(h.error if h and h.error else self.notes.get(image) or message),
         )
         previous = r.get("status") or {}

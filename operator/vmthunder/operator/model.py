@@ -77,6 +77,7 @@ class ReplicaFacts:
     bytes_from_parent: int = 0
     hydrated_regions: int = 0
     total_regions: int = 0
+    parent_lost: bool = False  # its session to its parent carries no I/O
 
     @property
     def hydrated(self) -> bool:
@@ -97,6 +98,7 @@ class ReplicaFacts:
             bytes_from_parent=int(status.get("bytesFromParent", 0)),
             hydrated_regions=int(status.get("hydratedRegions", 0)),
             total_regions=int(status.get("totalRegions", 0)),
+            parent_lost=bool(status.get("parentLostAt")),
         )
 
 

@@ -16,6 +16,9 @@ from vmthunder.operator.planner import ORIGIN, NodeState, Placement, plan_tree
 # A replica whose agent has not reported for this long is treated as unhealthy: its children
 # move elsewhere, and it gets no new children until it reports again.
 HEARTBEAT_STALE_AFTER = timedelta(seconds=60)
+# Agents heartbeat every 15 s (vmthunder.node.agent.HEARTBEAT_SECONDS): one missed, and a
+# child that lost the session to it, is enough to call a parent gone.
+HEARTBEAT_MISSED_AFTER = timedelta(seconds=20)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,17 @@ def is_healthy(replica: ReplicaFacts | None, now: datetime) -> bool:
     return replica.heartbeat is None or now - replica.heartbeat <= HEARTBEAT_STALE_AFTER
 
 
+def lost_by_children(replica: ReplicaFacts | None, children: Iterable[ReplicaFacts],
+                     now: datetime) -> bool:
+    """A parent that missed its heartbeat while a child lost its session to it is gone: a
+    dead node is known in ~20 s, not after the 60 s of staleness. A live parent that merely
+    cannot reach one child still heartbeats and keeps its place."""
+    if replica is None or (replica.heartbeat is not None
+                           and now - replica.heartbeat <= HEARTBEAT_MISSED_AFTER):
+        return False
+    return any(c.parent_lost for c in children)
+
+
 def plan_replicas(
     cache_name: str,
     spec: CacheSpec,
@@ -94,6 +108,9 @@ def plan_replicas(
     """Decides which replicas to create, re-parent and delete, and the cache's status."""
     nodes_by_name = {n.name: n for n in nodes}
     current = {r.node: r for r in replicas if r.image_cache == cache_name}
+    children: dict[str, list[ReplicaFacts]] = {}
+    for r in current.values():
+        children.setdefault(r.parent, []).append(r)
     members = sorted(
         name
         for name, node in nodes_by_name.items()
@@ -107,7 +124,8 @@ def plan_replicas(
         states.append(
             NodeState(
                 name=name,
-                ready=node.ready and is_healthy(replica, now),
+                ready=(node.ready and is_healthy(replica, now)
+                       and not lost_by_children(replica, children.get(name, ()), now)),
                 topology=node.labels.get(spec.topology_key),
                 parent=replica.parent if replica else None,
                 hydrated=replica.hydrated if replica else False,
