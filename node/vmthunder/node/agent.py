@@ -263,7 +263,6 @@ class Agent:
         self.converged: dict[str, Converged] = {}
         self.wanted: set[str] | None = None  # the images of the last sweep for removals
         self.swept_at = 0.0
-        self.parents: dict[str, TargetAddress | None] = {}  # per image, as last wanted
 
     def round(self) -> None:
         with metrics.ROUND_SECONDS.time():
@@ -286,13 +285,9 @@ class Agent:
                     if not self._remove(image)]
             self.wanted = None if kept else wanted  # kept ones: try again next round
             self.swept_at = now
-        for per_image in (self.statuses, self.converged, self.parents):
+        for per_image in (self.statuses, self.converged):
             for image in set(per_image) - wanted:
                 del per_image[image]
-
-    def _shared(self, image: str) -> frozenset[TargetAddress]:
-        """The parents the node's other images read through."""
-        return frozenset(a for other, a in self.parents.items() if other != image and a)
 
     def _kernel_images(self) -> set[str]:
         out = set()
@@ -320,8 +315,7 @@ class Agent:
             stack.fail_queued_reads(image)  # a read waiting on a departed parent lets go
             h.join(10)
         log.info("removing the stack of %s", image)
-        stack.remove_image(image, self.node, self.backend, self.transport, None,
-                           self._shared(image))
+        stack.remove_image(image, self.node, self.backend, self.transport, None)
         return True
 
     def _replica(self, r: Mapping[str, Any]) -> None:
@@ -348,13 +342,11 @@ class Agent:
             image=image, node=self.node, size=size, region_bytes=region, parent=parent,
             parent_chap=chap, export_ip=self.export_ip, children=children, children_chap=chap,
             detach_when_hydrated=cspec.get("detachPolicy", "WhenHydrated") == "WhenHydrated",
-            multipath=self.multipath, shared=self._shared(image),
+            multipath=self.multipath,
         )
         message = ""
         attached = ""
         cache = self.backend.observe(image)
-        # A detached cache reads from no one: it keeps no session alive for the others.
-        self.parents[image] = None if cache.kind == "detached" else parent
         sessions = session_states(
             stack.sessions_of_image(image, origin_iqn, self.transport.attached()),
             self.transport.broken())

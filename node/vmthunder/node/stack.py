@@ -15,7 +15,7 @@ nothing twice, which is how the agent converges after a restart.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vmthunder.node import blockdev, dm, lio, names
 from vmthunder.node.cache import CacheBackend, CacheState
@@ -42,7 +42,7 @@ class Want:
     detach_when_hydrated: bool = True
     multipath: bool = True  # -src as dm-multipath queue_if_no_path (else dm-linear)
     # Sessions other images on this node read through (two caches of one source share the
-    # origin's session): never logged out for this one.
+    # origin's session), every LUN of them: never logged out for this one.
     shared: frozenset[TargetAddress] = frozenset()
 
 
@@ -229,12 +229,31 @@ def source_table(w: Want, device: str) -> list[dm.Target]:
     return [dm.linear(sectors, device)]
 
 
+def sessions_used_by_others(image: str,
+                            attached: Mapping[TargetAddress, str]) -> frozenset[TargetAddress]:
+    """Every address of each session whose disk another image's -src reads. The kernel's
+    tables say so, also right after an agent restart; a logout ends the whole session, so
+    one LUN in use keeps all of them."""
+    others: set[str] = set()
+    for n in dm.names():
+        img = names.image_of(n)
+        if img is not None and img != image and n == names.src_dev(img):
+            others.update(_table_devices(dm.table_if_exists(n) or []))
+    busy = {(a.iqn, a.normalized_portal) for a, d in attached.items() if _devno(d) in others}
+    return frozenset(a for a in attached if (a.iqn, a.normalized_portal) in busy)
+
+
 def apply_image(w: Want, backend: CacheBackend, transport: Transport,
                 origin_iqn: str | None) -> tuple[Seen, list[Step]]:
     """Observes, plans and applies; returns what was seen and the steps taken."""
     spec = export_spec(w)
     seen = observe(w.image, origin_iqn, backend, transport, spec.iqn)
     steps = plan_image(w, seen)
+    if any(isinstance(s, Logout) for s in steps):  # read the other stacks only then
+        shared = sessions_used_by_others(w.image, transport.attached())
+        if shared:
+            w = replace(w, shared=shared)
+            steps = plan_image(w, seen)
     for step in steps:
         _apply_step(w, step, backend, transport)
     return seen, steps
@@ -282,18 +301,22 @@ def fail_queued_reads(image: str) -> None:
 
 
 def remove_image(image: str, node: str, backend: CacheBackend, transport: Transport,
-                 origin_iqn: str | None, shared: frozenset[TargetAddress] = frozenset()) -> None:
+                 origin_iqn: str | None) -> None:
     """Tears the image's stack down (volumes over it must be gone first), keeping the
-    sessions other images read through."""
+    sessions other images read through. The image's sessions are those its name says and
+    those its -src reads (an origin's, whose IQN a caller may not know)."""
+    src_devs = set(_table_devices(dm.table_if_exists(names.src_dev(image)) or []))
     fail_queued_reads(image)
     lio.remove_export(names.export_iqn(image, node), names.backstore(image))
     dm.remove(names.export_dev(image))
     backend.remove(image)
     dm.remove(names.src_dev(image))
     attached = transport.attached()
-    for a in sessions_of_image(image, origin_iqn, attached):
-        if a not in shared:
-            transport.detach(a)
+    shared = sessions_used_by_others(image, attached)
+    mine = set(sessions_of_image(image, origin_iqn, attached))
+    mine |= {a for a, d in attached.items() if _devno(d) in src_devs}
+    for a in sorted(mine - shared, key=_key):
+        transport.detach(a)
 
 
 @dataclass(frozen=True)
