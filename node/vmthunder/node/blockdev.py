@@ -83,6 +83,16 @@ def iostat(path: str) -> IoStat:
                   in_flight=w[8])
 
 
+def cap_max_sectors_kb(path: str, kb: int) -> None:
+    """Lowers the largest request the block layer builds for `path` to `kb` KiB (never above
+    what the hardware takes)."""
+    queue = f"/sys/class/block/{kernel_name(path)}/queue"
+    with open(f"{queue}/max_hw_sectors_kb") as f:
+        hw = int(f.read())
+    with open(f"{queue}/max_sectors_kb", "w") as f:
+        f.write(str(min(kb, hw)))
+
+
 def holders(path: str) -> list[str]:
     """Kernel names of the devices stacked on `path` (dm tables, ...)."""
     return sorted(os.listdir(f"/sys/class/block/{kernel_name(path)}/holders"))

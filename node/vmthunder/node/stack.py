@@ -23,6 +23,11 @@ from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import Transport
 
 SECTOR = 512
+# Every parent's disk takes requests of at most this size. -src is request-based multipath:
+# reads queued under one parent's limits are sent to the next parent's disk after a
+# re-parent, and a disk with a smaller limit fails them (blk_insert_cloned_request: over max
+# size limit), the path with them, for ever. Parents' exports advertise from 64 KiB up.
+PARENT_MAX_REQUEST_KB = 64
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,7 @@ def _apply_step(w: Want, step: Step, backend: CacheBackend, transport: Transport
         transport.attach(step.address, w.parent_chap)
     elif isinstance(step, SetSource):
         disk = transport.attach(step.address, w.parent_chap)  # idempotent: gives the disk
+        blockdev.cap_max_sectors_kb(disk, PARENT_MAX_REQUEST_KB)  # before dm stacks its limits
         table = source_table(w, blockdev.devno_str(disk))
         if dm.exists(src):
             # noflush: I/O queued in multipath moves to the new path instead of failing.
