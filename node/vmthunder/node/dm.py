@@ -391,8 +391,6 @@ def multipath(sectors: int, paths: Sequence[str], *, queue_if_no_path: bool = Tr
     return Target(0, sectors, "multipath", tuple(args))
 
 
-# --- dm-stats (per-area I/O counters) -------------------------------------------------------
-
 def multipath_failed_paths(fields: Sequence[str]) -> frozenset[str]:
     """The paths ("8:0") a multipath target's status marks failed (F). Nothing reinstates a
     failed path by itself (multipathd would): a parent that comes back stays unused until
@@ -421,6 +419,8 @@ def multipath_failed_paths(fields: Sequence[str]) -> frozenset[str]:
                 failed.add(dev)
     return frozenset(failed)
 
+
+# --- dm-stats (per-area I/O counters) -------------------------------------------------------
 
 @dataclass(frozen=True)
 class AreaCounters:
