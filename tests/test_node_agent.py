@@ -11,6 +11,7 @@ from waiting import wait_for
 
 from vmthunder.node import names
 from vmthunder.node.agent import (
+    CACHE_CONDITION,
     HEARTBEAT_SECONDS,
     INITIATOR_CONDITION,
     RESYNC_SECONDS,
@@ -19,6 +20,7 @@ from vmthunder.node.agent import (
     Report,
     children_initiators,
     parent_address,
+    plan_cache_event,
     plan_full_round,
     plan_phase,
     plan_removals,
@@ -89,6 +91,38 @@ def test_status_publishes_export_address_and_initiator_condition() -> None:
     assert conds[INITIATOR_CONDITION]["message"] == "iqn.x:b"
     assert conds["Ready"]["status"] == "True"
     assert (st["hydratedRegions"], st["totalRegions"]) == (2, 16)
+
+
+def test_a_pass_through_is_usable_says_why_in_its_condition_and_warns_once() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    full = Report(**{**report(CacheState("passthrough", size=1 << 30), 0).__dict__,
+                     "phase": plan_phase(CacheState("passthrough"), True, 0, None),
+                     "cache_dir": "/var/lib/vmthunder", "cache_space_missing": 3 << 20})
+    st = plan_status(full, {}, t0)
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert st["phase"] == "Attached" and conds["Ready"]["status"] == "True"
+    assert conds[CACHE_CONDITION]["status"] == "False"
+    assert conds[CACHE_CONDITION]["reason"] == "CacheDiskFull"
+    assert "/var/lib/vmthunder lacks 3 MiB" in conds[CACHE_CONDITION]["message"]
+    warning = plan_cache_event({}, st)
+    assert warning is not None and warning[:2] == ("Warning", "CacheDiskFull")
+    assert plan_cache_event(st, plan_status(full, st, t0)) is None  # once, not every round
+    cached = plan_status(report(CacheState("caching", 0, 16), 0), st, t0)
+    assert {c["type"]: c for c in cached["conditions"]}[CACHE_CONDITION]["status"] == "True"
+    back = plan_cache_event(st, cached)
+    assert back is not None and back[:2] == ("Normal", "CacheBuilt")
+    assert plan_cache_event({}, cached) is None  # a cache from the start is no news
+
+
+def test_a_pass_through_rereads_the_stack_as_soon_as_there_is_room() -> None:
+    want = Want("img", "n", 1 << 20, 65536, TargetAddress("10.0.0.2:3260", "iqn.x:o"), None,
+                "10.0.0.11")
+    assert want.parent is not None
+    on = session_states([want.parent], ())
+    through = CacheState("passthrough", size=1 << 20)
+    last = Converged(want, "passthrough", False, on, "@origin", at=100.0)
+    assert not plan_full_round(last, want, through, on, 101.0, cache_space_missing=4096)
+    assert plan_full_round(last, want, through, on, 101.0, cache_space_missing=0)
 
 
 def test_images_without_a_replica_are_removed() -> None:

@@ -49,6 +49,18 @@ def test_without_a_parent_export_nothing_is_built() -> None:
     assert "BuildCache" not in kinds(steps) and "Attach" not in kinds(steps)
 
 
+def test_without_room_for_a_cache_the_image_passes_through_to_the_parent() -> None:
+    steps = stack.plan_image(want(), stack.Seen(None, None, cache_space_missing=MIB))
+    assert kinds(steps) == ["Attach", "SetSource", "PassThrough", "BuildExportDev", "Export"]
+
+
+def test_a_pass_through_becomes_a_cache_once_there_is_room_and_never_detaches_before() -> None:
+    w = want()
+    full = built(w, ORIGIN, CacheState("passthrough", size=64 * MIB))
+    assert stack.plan_image(w, stack.Seen(**{**full.__dict__, "cache_space_missing": 1})) == []
+    assert stack.plan_image(w, full) == [stack.BuildCache()]
+
+
 def test_reparent_logs_in_reloads_source_then_logs_out_of_old_parent() -> None:
     w = want(parent=A)
     seen = built(w, ORIGIN, CacheState("caching", 3, 1024))

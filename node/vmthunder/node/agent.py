@@ -13,6 +13,11 @@ stack every RESYNC_SECONDS; and it writes a status only when it changed or as a 
 
 A node publishes its iSCSI initiator name in a status condition of type "Initiator" of its
 replicas, so a parent can give it an ACL; the CRD has no dedicated field for it.
+
+A cache filesystem without room for an image's cache makes the stack pass reads through to
+the parent uncached: the replica stays usable (phase Attached), its condition "Cached" turns
+False with reason CacheDiskFull and what is missing, and a Warning Event says so once. The
+cache is built, under the volumes, at the first full round that finds room.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ from vmthunder.operator.model import (
 
 log = logging.getLogger("vmthunder.agent")
 INITIATOR_CONDITION = "Initiator"
+CACHE_CONDITION = "Cached"
+# Events about cluster-scoped objects (ImageReplicas) live in this namespace.
+EVENTS_NAMESPACE = "default"
 DEFAULT_REGION = 65536
 RESYNC_SECONDS = 30.0  # a converged image's whole stack is re-read at least this often
 HEARTBEAT_SECONDS = 15.0  # an unchanged status is rewritten this often (stale after 60 s)
@@ -88,6 +96,8 @@ def plan_phase(cache: CacheState, has_parent: bool, hydrated_in_order: int,
         return "Detached"
     if cache.kind == "absent":
         return "Attaching" if has_parent else "Pending"
+    if cache.kind == "passthrough":
+        return "Attached"  # usable: reads go to the parent
     if cache.complete:
         return "Hydrated"
     if cache.hydrated == 0 and hydrated_in_order == 0:
@@ -107,6 +117,8 @@ class Report:
     initiator: str
     message: str
     parent_lost: bool = False  # the session to the wanted parent carries no I/O
+    cache_dir: str = ""
+    cache_space_missing: int = 0  # bytes the cache filesystem lacks (pass-through)
 
 
 def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[str, Any]:
@@ -116,9 +128,12 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
     prev_served = int(previous.get("bytesServed", 0))
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     conditions = [c for c in previous.get("conditions") or []
-                  if c.get("type") not in (INITIATOR_CONDITION, "Ready")]
+                  if c.get("type") not in (INITIATOR_CONDITION, "Ready", CACHE_CONDITION)]
     conditions.append({"type": INITIATOR_CONDITION, "status": "True", "reason": "InitiatorName",
                        "message": r.initiator})
+    cached = cache_condition(r)
+    if cached is not None:
+        conditions.append(cached)
     ready = r.phase in ("Attached", "Hydrating", "Hydrated", "Detached")
     conditions.append({"type": "Ready", "status": "True" if ready else "False",
                        "reason": r.phase, "message": r.message[:1000]})
@@ -144,6 +159,40 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
     }
 
 
+def cache_condition(r: Report) -> dict[str, str] | None:
+    """Whether the node caches the image, and if not, why; None before the stack is built."""
+    if r.cache.kind in ("caching", "detached"):
+        return {"type": CACHE_CONDITION, "status": "True", "reason": "Caching",
+                "message": f"the image is cached in {r.cache_dir}"}
+    if r.cache.kind == "passthrough":
+        return {"type": CACHE_CONDITION, "status": "False", "reason": "CacheDiskFull",
+                "message": f"the cache filesystem {r.cache_dir} lacks "
+                           f"{_mib(r.cache_space_missing)} for this image's cache: reads pass "
+                           "through to the parent uncached until there is room"}
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{-(-n // (1 << 20))} MiB"
+
+
+def plan_cache_event(previous: Mapping[str, Any], status: Mapping[str, Any]
+                     ) -> tuple[str, str, str] | None:
+    """(type, reason, message) of the Event a change of the Cached condition deserves."""
+    def cached(s: Mapping[str, Any]) -> Mapping[str, Any]:
+        return next((c for c in s.get("conditions") or [] if c.get("type") == CACHE_CONDITION),
+                    {})
+
+    before, now = cached(previous), cached(status)
+    if now.get("status") == before.get("status"):
+        return None
+    if now.get("status") == "False":
+        return "Warning", str(now["reason"]), str(now["message"])
+    if now.get("status") == "True" and before.get("status") == "False":
+        return "Normal", "CacheBuilt", "room for the cache again: the image is now cached"
+    return None
+
+
 def plan_removals(kernel_images: set[str], wanted: set[str]) -> set[str]:
     return kernel_images - wanted
 
@@ -167,12 +216,14 @@ def session_states(sessions: Iterable[TargetAddress],
 
 
 def plan_full_round(last: Converged | None, want: stack.Want, cache: CacheState,
-                    sessions: frozenset[tuple[TargetAddress, bool]], now: float) -> bool:
+                    sessions: frozenset[tuple[TargetAddress, bool]], now: float,
+                    cache_space_missing: int = 0) -> bool:
     """Whether the round must read the whole stack and plan: something wanted changed, the
     cache layer changed state (completion is when it detaches), a session came, went, broke
-    or recovered, or the resync is due."""
+    or recovered, a pass-through found room for its cache, or the resync is due."""
     return (last is None or last.want != want or last.cache_kind != cache.kind
             or last.cache_complete != cache.complete or last.sessions != sessions
+            or (cache.kind == "passthrough" and not cache_space_missing)
             or now - last.at >= RESYNC_SECONDS)
 
 
@@ -242,16 +293,29 @@ class Kube:
         self.custom.patch_cluster_custom_object_status(
             GROUP, VERSION, IMAGE_REPLICAS, name, {"status": dict(status)})
 
+    def event(self, replica: Mapping[str, Any], kind: str, reason: str, message: str,
+              source: str) -> None:
+        meta = replica["metadata"]
+        stamp = datetime.now(UTC)
+        self.core.create_namespaced_event(EVENTS_NAMESPACE, {  # type: ignore[arg-type]
+            "metadata": {"generateName": f"{meta['name']}."},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageReplica",
+                               "name": meta["name"], "uid": meta.get("uid")},
+            "type": kind, "reason": reason, "message": message[:1000],
+            "source": {"component": "vmthunder-agent", "host": source},
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1})
+
 
 # --- the loop ---------------------------------------------------------------------------------
 
 class Agent:
     def __init__(self, node: str, kube: Kube, backend: CacheBackend, transport: Transport,
                  export_ip: str, *, initiator: str | None = None, multipath: bool = True,
-                 profile_file: str | None = None) -> None:
+                 profile_file: str | None = None, cache_dir: str = "") -> None:
         self.node = node
         self.kube = kube
         self.backend = backend
+        self.cache_dir = cache_dir
         self.transport = transport
         self.export_ip = export_ip
         self.initiator = initiator or iscsi.initiator_name()
@@ -347,6 +411,8 @@ class Agent:
         message = ""
         attached = ""
         cache = self.backend.observe(image)
+        missing = (self.backend.missing_bytes(image, size, region)
+                   if size and cache.kind == "passthrough" else 0)
         sessions = session_states(
             stack.sessions_of_image(image, origin_iqn, self.transport.attached()),
             self.transport.broken())
@@ -354,7 +420,7 @@ class Agent:
         now = time.monotonic()
         if not size:
             message = "waiting for the parent's export"
-        elif last is not None and not plan_full_round(last, w, cache, sessions, now):
+        elif last is not None and not plan_full_round(last, w, cache, sessions, now, missing):
             attached = last.attached_parent
             self.converged[image] = last
         else:
@@ -363,6 +429,7 @@ class Agent:
                 message = "applied: " + ", ".join(type(s).__name__ for s in steps)
                 log.info("%s: %s", image, message)
                 cache = self.backend.observe(image)
+                missing = seen.cache_space_missing if cache.kind == "passthrough" else 0
                 on_parent = dm.exists(names.src_dev(image))
             else:
                 on_parent = seen.src_kind is not None
@@ -383,6 +450,7 @@ class Agent:
             export=TargetAddress(f"{self.export_ip}:3260", names.export_iqn(image, self.node)),
             attached_parent=attached, initiator=self.initiator,
             parent_lost=parent is not None and (parent, False) in sessions,
+            cache_dir=self.cache_dir, cache_space_missing=missing,
             message=(h.error if h and h.error else self.notes.get(image) or message),
         )
         previous = r.get("status") or {}
@@ -390,6 +458,13 @@ class Agent:
         status = plan_status(rep, previous, stamp)
         if plan_status_write(previous, status, stamp):
             self.kube.patch_status(r["metadata"]["name"], status)
+            event = plan_cache_event(previous, status)
+            if event is not None:
+                log.warning("%s: %s: %s", image, event[1], event[2])
+                try:
+                    self.kube.event(r, *event, source=self.node)
+                except Exception:  # the condition says it too: an Event lost is no failure
+                    log.exception("event for %s", image)
         if attached and previous.get("attachedParent") not in ("", None, attached):
             metrics.REPARENTS.labels(image).inc()
         self.statuses[image] = status
@@ -465,7 +540,7 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
     # (queue_if_no_path) until a new parent's path is loaded; without it the SCSI layer queues.
     tmo = replacement_timeout if replacement_timeout is not None else (5 if multipath else 600)
     agent = Agent(node, kube, make_backend(backend, cache_dir), IscsiTransport(tmo), export_ip,
-                  multipath=multipath, profile_file=profile_file)
+                  multipath=multipath, profile_file=profile_file, cache_dir=cache_dir)
     if metrics_port:
         metrics.register(lambda: dict(agent.statuses))
         start_http_server(metrics_port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -96,6 +97,51 @@ def cap_max_sectors_kb(path: str, kb: int) -> None:
 def holders(path: str) -> list[str]:
     """Kernel names of the devices stacked on `path` (dm tables, ...)."""
     return sorted(os.listdir(f"/sys/class/block/{kernel_name(path)}/holders"))
+
+
+def slaves(path: str) -> list[str]:
+    """Kernel names of the devices `path` is stacked on (the other way round from holders)."""
+    return sorted(os.listdir(f"/sys/class/block/{kernel_name(path)}/slaves"))
+
+
+class NoSpace(OSError):
+    """The filesystem cannot hold a file of the asked size."""
+
+
+def reserve_file(path: str, size: int) -> None:
+    """Creates `path` of `size` bytes with every block allocated (no data written: unwritten
+    extents read as zeros), so writes into it can never fail for want of space later.
+    Raises NoSpace, leaving no new file behind, when the filesystem lacks the room."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    existed = os.path.exists(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        if not existed:
+            os.unlink(path)
+        raise NoSpace(errno.ENOSPC, f"no room for {size} bytes", path) from e
+    finally:
+        os.close(fd)
+
+
+def allocated_bytes(path: str) -> int:
+    """Bytes the filesystem holds for `path` (0 when it does not exist)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still allocate on the filesystem holding `path` (or
+    its nearest existing parent)."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path) or "/"
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def ensure_sparse_file(path: str, size: int) -> None:

@@ -10,6 +10,11 @@ two backends.
   is cached by qemu (concurrent misses of a cluster coalesce); `hydrate` only reads.
 
 Both keep their state in the kernel and in files named after the image, never in a database.
+
+When the cache filesystem lacks room for an image's cache, the stack builds `vmt-<image>` as
+a pass-through instead (dm-linear straight over `-src`): volumes read from the parent,
+nothing is cached, nothing can fail half-written. `build` later turns a pass-through into a
+cache by reloading its table, under the volumes, once there is room.
 """
 
 from __future__ import annotations
@@ -38,11 +43,17 @@ class CacheError(RuntimeError):
         self.stderr = stderr
 
 
+class CacheSpaceError(CacheError):
+    """The cache filesystem cannot hold the image's cache."""
+
+
 @dataclass(frozen=True)
 class CacheState:
     """What the kernel shows of one image's cache layer."""
 
-    kind: str  # "absent", "caching" (reads may still go to -src), "detached" (local only)
+    # "absent"; "caching" (reads may still go to -src); "detached" (local only);
+    # "passthrough" (no room for a cache: every read goes to -src, nothing is kept)
+    kind: str
     hydrated: int = 0
     total: int = 0
     region_bytes: int = 0
@@ -63,7 +74,11 @@ class CacheBackend(Protocol):
     def observe(self, image: str) -> CacheState: ...
 
     def build(self, image: str, size: int, region_bytes: int) -> None:
-        """Creates vmt-<image> over /dev/mapper/vmt-<image>-src (idempotent)."""
+        """Creates vmt-<image> over /dev/mapper/vmt-<image>-src, or turns its pass-through
+        into a cache (idempotent). Raises CacheSpaceError when the cache does not fit."""
+
+    def missing_bytes(self, image: str, size: int, region_bytes: int) -> int:
+        """How many more bytes the cache filesystem needs free to hold the cache (0: fits)."""
 
     def hydrate(self, image: str, regions: Sequence[int], region_bytes: int, size: int,
                 queue_depth: int) -> int:
@@ -103,12 +118,46 @@ def runs(regions: Sequence[int], max_run: int) -> list[tuple[int, int]]:
     return out
 
 
+def passes_through(image: str) -> bool:
+    """Whether vmt-<image> sits directly on -src (a pass-through), read from sysfs: no
+    dmsetup call, the agent asks every round."""
+    try:
+        below = blockdev.slaves(dm.mapper_path(names.cache_dev(image)))
+        src = blockdev.kernel_name(dm.mapper_path(names.src_dev(image)))
+    except (OSError, blockdev.BlockDevError):
+        return False
+    return below == [src]
+
+
+def create_or_upgrade(image: str, table: dm.Table) -> None:
+    """Creates vmt-<image> with `table`, or swaps a pass-through's table for it: a reload under
+    the volumes, which see a pause and then the same bytes (the cache is empty, every read
+    still goes to -src)."""
+    name = names.cache_dev(image)
+    if dm.exists(name):
+        dm.reload(name, table)
+    else:
+        dm.create(name, table)
+
+
 class _Files:
     def __init__(self, cache_dir: str) -> None:
         self.cache_dir = cache_dir
 
     def dir(self, image: str) -> str:
         return os.path.join(self.cache_dir, image)
+
+    def _files(self, image: str, size: int, region_bytes: int) -> dict[str, int]:
+        """Each file the image's cache keeps, with the bytes it needs on the filesystem."""
+        raise NotImplementedError
+
+    def missing_bytes(self, image: str, size: int, region_bytes: int) -> int:
+        need = sum(max(0, n - blockdev.allocated_bytes(path))
+                   for path, n in self._files(image, size, region_bytes).items())
+        return max(0, need - blockdev.free_bytes(self.dir(image)))
+
+    def _needs_build(self, image: str) -> bool:
+        return not dm.exists(names.cache_dev(image)) or passes_through(image)
 
 
 class DmCloneBackend(_Files):
@@ -130,21 +179,29 @@ class DmCloneBackend(_Files):
         if st and st[0].type == "clone":
             c = dm.CloneStatus.parse(st[0].fields)
             return CacheState("caching", c.hydrated, c.total, c.region_sectors * SECTOR, size)
-        return CacheState("detached", size=size)
+        return CacheState("passthrough" if passes_through(image) else "detached", size=size)
 
-    def build(self, image: str, size: int, region_bytes: int) -> None:
-        name = names.cache_dev(image)
-        if dm.exists(name):
-            return
+    def _files(self, image: str, size: int, region_bytes: int) -> dict[str, int]:
         regions = -(-size // region_bytes)
         # dm-clone metadata: a bitmap bit per region plus btree blocks; generous and still small.
         meta_size = max(4 << 20, (regions // 8) * 4 + (2 << 20))
-        blockdev.ensure_sparse_file(self._data(image), size)
-        blockdev.ensure_sparse_file(self._meta(image), meta_size)
+        return {self._data(image): size, self._meta(image): meta_size}
+
+    def build(self, image: str, size: int, region_bytes: int) -> None:
+        if not self._needs_build(image):
+            return
+        # Every block reserved up front: dm-clone fails every I/O once a write to its data or
+        # metadata device fails, so the cache must never meet a full filesystem midway.
+        try:
+            for path, n in self._files(image, size, region_bytes).items():
+                blockdev.reserve_file(path, n)
+        except blockdev.NoSpace as e:
+            self._drop_files(image)
+            raise CacheSpaceError(f"build {image}", str(e)) from e
         data = blockdev.loop_attach(self._data(image))
         meta = blockdev.loop_attach(self._meta(image))
         src = dm.mapper_path(names.src_dev(image))
-        dm.create(name, [dm.clone(size // SECTOR, dm.CloneArgs(
+        create_or_upgrade(image, [dm.clone(size // SECTOR, dm.CloneArgs(
             meta, data, src, region_bytes // SECTOR, hydration=False))])
 
     def hydrate(self, image: str, regions: Sequence[int], region_bytes: int, size: int,
@@ -201,6 +258,9 @@ class DmCloneBackend(_Files):
 
     def remove(self, image: str) -> None:
         dm.remove(names.cache_dev(image))
+        self._drop_files(image)
+
+    def _drop_files(self, image: str) -> None:
         for f in (self._data(image), self._meta(image)):
             for device in blockdev.loops_of(f):
                 blockdev.loop_detach(device)
@@ -233,6 +293,8 @@ class QemuCorBackend(_Files):
         if t is None:
             return CacheState("absent")
         size = sum(x.length for x in t) * SECTOR
+        if passes_through(image):
+            return CacheState("passthrough", size=size)
         local, region = self._allocated(image)
         total = -(-size // region) if region else 0
         src = dm.table_if_exists(names.src_dev(image))
@@ -249,10 +311,16 @@ class QemuCorBackend(_Files):
         local = sum(int(e["length"]) for e in extents if e.get("depth") == 0 and e.get("data"))
         return local, region
 
+    def _files(self, image: str, size: int, region_bytes: int) -> dict[str, int]:
+        # The qcow2 grows as it caches (no preallocation over a backing file): the room is
+        # checked here, not reserved; its L1/L2 tables take 8 bytes per cluster.
+        return {self._qcow(image): size + 8 * -(-size // region_bytes) + (1 << 20)}
+
     def build(self, image: str, size: int, region_bytes: int) -> None:
-        name = names.cache_dev(image)
-        if dm.exists(name):
+        if not self._needs_build(image):
             return
+        if self.missing_bytes(image, size, region_bytes):
+            raise CacheSpaceError(f"build {image}", f"no room in {self.cache_dir}")
         os.makedirs(self.dir(image), exist_ok=True)
         q = self._qcow(image)
         src = dm.mapper_path(names.src_dev(image))
@@ -275,7 +343,7 @@ class QemuCorBackend(_Files):
         deadline = time.monotonic() + 10
         while blockdev.size_bytes(nbd) == 0 and time.monotonic() < deadline:
             time.sleep(0.1)
-        dm.create(name, [dm.linear(size // SECTOR, nbd)])
+        create_or_upgrade(image, [dm.linear(size // SECTOR, nbd)])
 
     def hydrate(self, image: str, regions: Sequence[int], region_bytes: int, size: int,
                 queue_depth: int) -> int:

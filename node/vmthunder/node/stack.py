@@ -3,7 +3,8 @@
     parent's export ──transport──► /dev/sdX
       vmt-<image>-src   dm-multipath (queue_if_no_path) or dm-linear over the parent's disk:
                         re-parenting reloads only this table
-      vmt-<image>       cache layer (backend), source = -src
+      vmt-<image>       cache layer (backend), source = -src; dm-linear over -src (a
+                        pass-through) while the cache filesystem lacks room for it
       vmt-<image>-exp   dm-linear over vmt-<image>, exported read-only by LIO to the children
       vmt-vol-<id>      per volume, built by the CSI node plugin over vmt-<image>
 
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from vmthunder.node import blockdev, dm, lio, names
-from vmthunder.node.cache import CacheBackend, CacheState
+from vmthunder.node.cache import CacheBackend, CacheSpaceError, CacheState
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import Transport
 
@@ -63,6 +64,8 @@ class Seen:
     export: lio.ExportInfo | None = None
     failed_paths: frozenset[str] = frozenset()  # -src's multipath paths marked failed ("8:0")
     broken: frozenset[TargetAddress] = frozenset()  # sessions of the image carrying no I/O
+    # Bytes the cache filesystem lacks for the cache; only looked at while there is none.
+    cache_space_missing: int = 0
 
 
 # --- steps ------------------------------------------------------------------------------------
@@ -85,6 +88,11 @@ class ReinstatePath:
 @dataclass(frozen=True)
 class BuildCache:
     pass
+
+
+@dataclass(frozen=True)
+class PassThrough:
+    pass  # no room for a cache: vmt-<image> reads -src directly, nothing is cached
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,8 @@ class Logout:
     address: TargetAddress
 
 
-Step = (Attach | SetSource | ReinstatePath | BuildCache | BuildExportDev | Export | DetachCache
-        | RemoveSource | Logout)
+Step = (Attach | SetSource | ReinstatePath | BuildCache | PassThrough | BuildExportDev | Export
+        | DetachCache | RemoveSource | Logout)
 
 
 def export_spec(w: Want) -> lio.ExportSpec:
@@ -146,7 +154,9 @@ def plan_image(w: Want, s: Seen) -> list[Step]:
         if s.cache.kind == "absent":
             if w.parent is None and s.src_table is None:
                 return steps  # nothing to read from yet
-            steps.append(BuildCache())
+            steps.append(PassThrough() if s.cache_space_missing else BuildCache())
+        elif s.cache.kind == "passthrough" and not s.cache_space_missing:
+            steps.append(BuildCache())  # room again: the pass-through becomes a cache
     if not s.export_dev:
         steps.append(BuildExportDev())
     spec = export_spec(w)
@@ -253,6 +263,9 @@ def apply_image(w: Want, backend: CacheBackend, transport: Transport,
     """Observes, plans and applies; returns what was seen and the steps taken."""
     spec = export_spec(w)
     seen = observe(w.image, origin_iqn, backend, transport, spec.iqn)
+    if seen.cache.kind in ("absent", "passthrough"):
+        seen = replace(seen, cache_space_missing=backend.missing_bytes(
+            w.image, w.size, w.region_bytes))
     steps = plan_image(w, seen)
     if any(isinstance(s, Logout) for s in steps):  # read the other stacks only then
         shared = sessions_used_by_others(w.image, transport.attached())
@@ -280,7 +293,16 @@ def _apply_step(w: Want, step: Step, backend: CacheBackend, transport: Transport
     elif isinstance(step, ReinstatePath):
         dm.message(src, ["reinstate_path", step.device])
     elif isinstance(step, BuildCache):
-        backend.build(w.image, w.size, w.region_bytes)
+        try:
+            backend.build(w.image, w.size, w.region_bytes)
+        except CacheSpaceError:
+            # The room went between the look and the build (a volume's COW grew): pass
+            # through now; the next full round looks again.
+            if not dm.exists(names.cache_dev(w.image)):
+                _apply_step(w, PassThrough(), backend, transport)
+    elif isinstance(step, PassThrough):
+        dm.create(names.cache_dev(w.image),
+                  [dm.linear(w.size // SECTOR, dm.mapper_path(src))])
     elif isinstance(step, BuildExportDev):
         dm.create(names.export_dev(w.image),
                   [dm.linear(w.size // SECTOR, dm.mapper_path(names.cache_dev(w.image)))],
