@@ -328,3 +328,8 @@ def test_a_parent_that_missed_a_heartbeat_while_its_child_lost_it_loses_its_chil
     # a heartbeats: b alone cannot reach it, nobody moves (nor on a late heartbeat alone)
     assert moved(plan_replicas("img", spec, nodes, replicas(5, True), set(), NOW)) == set()
     assert moved(plan_replicas("img", spec, nodes, replicas(25, False), set(), NOW)) == set()
+    # a heartbeat 5 s ago and b's word: plan again the moment a misses its next one
+    early = plan_replicas("img", spec, nodes, replicas(5, True), set(), NOW)
+    assert early.recheck_at == NOW + timedelta(seconds=15)
+    assert plan_replicas("img", spec, nodes, replicas(5, False), set(), NOW).recheck_at is None
+    assert plan_replicas("img", spec, nodes, replicas(25, True), set(), NOW).recheck_at is None

@@ -128,10 +128,11 @@ async def distribute(
     while not state.synced():  # plan only from complete lists
         await asyncio.sleep(0.1)
     last_phase: str | None = None
+    wait = RESYNC
     try:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(trigger.wait(), RESYNC)
+                await asyncio.wait_for(trigger.wait(), wait)
             await asyncio.sleep(DEBOUNCE)  # fold a burst of changes into one pass
             trigger.clear()
             indexed = [r for r in state.replicas.values() if r.image_cache == name]
@@ -158,6 +159,10 @@ async def distribute(
                 continue
             _remember(state, name, plan)
             last_phase = await _report(state, name, body, plan, last_phase)
+            wait = RESYNC
+            if plan.recheck_at is not None:  # a lost parent's heartbeat falls due sooner
+                due = (plan.recheck_at - datetime.now(UTC)).total_seconds()
+                wait = min(RESYNC, max(0.0, due - DEBOUNCE) + 0.5)
     finally:
         state.triggers.pop(name, None)
         state.written.pop(name, None)

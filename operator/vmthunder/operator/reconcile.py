@@ -65,6 +65,8 @@ class ReplicaPlan:
     delete: tuple[str, ...] = ()
     reparented: tuple[Reparent, ...] = ()
     status: CacheStatus = field(default_factory=lambda: CacheStatus("Pending", 0, 0, 0, 0))
+    # When the plan changes with no event: a parent a child lost misses its heartbeat then.
+    recheck_at: datetime | None = None
 
     @property
     def writes(self) -> int:
@@ -97,6 +99,16 @@ def lost_by_children(replica: ReplicaFacts | None, children: Iterable[ReplicaFac
     return any(c.parent_lost for c in children)
 
 
+def lost_parent_deadline(replica: ReplicaFacts | None, children: Iterable[ReplicaFacts],
+                         now: datetime) -> datetime | None:
+    """When `lost_by_children` turns true for a parent a child lost but that has not missed
+    its heartbeat yet: planning again then moves its children without waiting for a resync."""
+    if replica is None or replica.heartbeat is None or not any(c.parent_lost for c in children):
+        return None
+    due = replica.heartbeat + HEARTBEAT_MISSED_AFTER
+    return due if due > now else None
+
+
 def plan_replicas(
     cache_name: str,
     spec: CacheSpec,
@@ -118,9 +130,13 @@ def plan_replicas(
     )
 
     states = []
+    deadlines = []
     for name in members:
         node = nodes_by_name[name]
         replica = current.get(name)
+        due = lost_parent_deadline(replica, children.get(name, ()), now)
+        if due is not None:
+            deadlines.append(due)
         states.append(
             NodeState(
                 name=name,
@@ -153,7 +169,8 @@ def plan_replicas(
     status = aggregate_status(
         [r for n, r in current.items() if n in member_set], placements, len(members)
     )
-    return ReplicaPlan(tuple(create), tuple(update), tuple(delete), tuple(reparented), status)
+    return ReplicaPlan(tuple(create), tuple(update), tuple(delete), tuple(reparented), status,
+                       min(deadlines, default=None))
 
 
 def aggregate_status(
