@@ -14,6 +14,7 @@ from vmthunder.node.agent import (
     CACHE_CONDITION,
     HEARTBEAT_SECONDS,
     INITIATOR_CONDITION,
+    REINSTATE_BACKOFF_MAX,
     RESYNC_SECONDS,
     Agent,
     Converged,
@@ -22,10 +23,13 @@ from vmthunder.node.agent import (
     parent_address,
     plan_cache_event,
     plan_full_round,
+    plan_held_paths,
     plan_phase,
+    plan_reinstated,
     plan_removals,
     plan_status,
     plan_status_write,
+    reinstate_backoff,
     session_states,
 )
 from vmthunder.node.cache import CacheState
@@ -290,3 +294,21 @@ def test_the_metrics_collector_renders_each_images_last_status() -> None:
         assert line in text.splitlines(), text
     statuses.clear()  # a replica that went away leaves no series behind
     assert "gold" not in generate_latest(registry).decode()
+
+
+def test_a_path_failing_after_each_reinstatement_is_retried_with_a_growing_backoff() -> None:
+    assert plan_held_paths(None, 100.0) == frozenset()
+    first = plan_reinstated(None, "8:16", 100.0)
+    assert first.times == 1
+    assert plan_held_paths(first, 101.0) == {"8:16"}  # failed again at once: wait 2 s
+    assert plan_held_paths(first, 102.0) == frozenset()
+    again = plan_reinstated(first, "8:16", 102.0)
+    assert again.times == 2 and plan_held_paths(again, 105.0) == {"8:16"}  # 4 s now
+    t, r = 102.0, again
+    for _ in range(10):
+        t += reinstate_backoff(r.times)
+        r = plan_reinstated(r, "8:16", t)
+    assert reinstate_backoff(r.times) == REINSTATE_BACKOFF_MAX  # capped
+    # a new parent's disk, or the same one failing long after its last repair: a fresh start
+    assert plan_reinstated(r, "8:32", t + 1).times == 1
+    assert plan_reinstated(first, "8:16", 100.0 + 2 + REINSTATE_BACKOFF_MAX).times == 1

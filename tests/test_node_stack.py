@@ -167,3 +167,11 @@ def test_recorded_lab_profile_format_is_read_and_its_checksum_enforced() -> None
     assert parse_profile(text) == [Read(4096, 512)]
     with pytest.raises(ProfileError):
         parse_profile(text.replace("4096 512", "4096 1024"))
+
+
+def test_a_held_failed_path_is_not_reinstated_until_its_backoff_ends() -> None:
+    w = want(held_paths=frozenset({"8:0"}))
+    seen = stack.Seen(**{**built(w, ORIGIN, CacheState("caching", 3, 1024)).__dict__,
+                         "failed_paths": frozenset({"8:0"})})
+    assert stack.plan_image(w, seen) == []
+    assert stack.plan_image(want(), seen) == [stack.ReinstatePath("8:0")]

@@ -55,6 +55,7 @@ EVENTS_NAMESPACE = "default"
 DEFAULT_REGION = 65536
 RESYNC_SECONDS = 30.0  # a converged image's whole stack is re-read at least this often
 HEARTBEAT_SECONDS = 15.0  # an unchanged status is rewritten this often (stale after 60 s)
+REINSTATE_BACKOFF_MAX = 60.0
 
 
 # --- pure decisions ---------------------------------------------------------------------------
@@ -193,6 +194,38 @@ def plan_cache_event(previous: Mapping[str, Any], status: Mapping[str, Any]
     return None
 
 
+@dataclass(frozen=True)
+class Reinstated:
+    """The last reinstatement of an image's path to its parent."""
+
+    device: str  # "8:0"
+    times: int  # reinstated this often in a row, each failing again
+    at: float  # monotonic seconds
+
+
+def reinstate_backoff(times: int) -> float:
+    """How long a path that failed again after `times` reinstatements waits for the next."""
+    return min(REINSTATE_BACKOFF_MAX, 2.0 ** times)
+
+
+def plan_held_paths(last: Reinstated | None, now: float) -> frozenset[str]:
+    """The path not to reinstate yet: a reload that keeps failing it (a parent whose disk
+    refuses the queued requests) must not cost a full round and a kernel message every
+    second."""
+    if last is None or now - last.at >= reinstate_backoff(last.times):
+        return frozenset()
+    return frozenset({last.device})
+
+
+def plan_reinstated(last: Reinstated | None, device: str, now: float) -> Reinstated:
+    """The record after reinstating `device`: one more in a row if the previous one failed
+    within a backoff's reach, else the first."""
+    if (last is not None and last.device == device
+            and now - last.at < reinstate_backoff(last.times) + REINSTATE_BACKOFF_MAX):
+        return Reinstated(device, last.times + 1, now)
+    return Reinstated(device, 1, now)
+
+
 def plan_removals(kernel_images: set[str], wanted: set[str]) -> set[str]:
     return kernel_images - wanted
 
@@ -325,6 +358,7 @@ class Agent:
         self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
         self.statuses: dict[str, dict[str, Any]] = {}  # per image: the status last written
         self.converged: dict[str, Converged] = {}
+        self.reinstated: dict[str, Reinstated] = {}
         self.wanted: set[str] | None = None  # the images of the last sweep for removals
         self.swept_at = 0.0
 
@@ -349,7 +383,7 @@ class Agent:
                     if not self._remove(image)]
             self.wanted = None if kept else wanted  # kept ones: try again next round
             self.swept_at = now
-        for per_image in (self.statuses, self.converged):
+        for per_image in (self.statuses, self.converged, self.reinstated):
             for image in set(per_image) - wanted:
                 del per_image[image]
 
@@ -407,6 +441,7 @@ class Agent:
             parent_chap=chap, export_ip=self.export_ip, children=children, children_chap=chap,
             detach_when_hydrated=cspec.get("detachPolicy", "WhenHydrated") == "WhenHydrated",
             multipath=self.multipath,
+            held_paths=plan_held_paths(self.reinstated.get(image), time.monotonic()),
         )
         message = ""
         attached = ""
@@ -425,6 +460,10 @@ class Agent:
             self.converged[image] = last
         else:
             seen, steps = stack.apply_image(w, self.backend, self.transport, origin_iqn)
+            for step in steps:
+                if isinstance(step, stack.ReinstatePath):
+                    self.reinstated[image] = plan_reinstated(
+                        self.reinstated.get(image), step.device, now)
             if steps:
                 message = "applied: " + ", ".join(type(s).__name__ for s in steps)
                 log.info("%s: %s", image, message)
@@ -439,6 +478,9 @@ class Agent:
                 self.converged[image] = Converged(
                     w, cache.kind, cache.complete, session_states(seen.sessions, seen.broken),
                     attached, now)
+        if w.held_paths:
+            message = (f"the path to the parent failed again after each of its last "
+                       f"{self.reinstated[image].times} reinstatements: retrying with a backoff")
         upstream = upstream_of(spec.get("parent") == names.ORIGIN, parent_status)
         h = self._hydrator(image, cache, cspec, size, region, parent is not None, upstream)
         c = stack.counters(image)

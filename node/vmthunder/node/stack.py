@@ -50,6 +50,8 @@ class Want:
     # Sessions other images on this node read through (two caches of one source share the
     # origin's session), every LUN of them: never logged out for this one.
     shared: frozenset[TargetAddress] = frozenset()
+    # Failed paths not to reinstate yet: each failed again right after its last reinstatement.
+    held_paths: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,8 @@ def plan_image(w: Want, s: Seen) -> list[Step]:
             )
             if not points_at_parent:
                 steps.append(SetSource(w.parent))
-            elif s.sessions[w.parent] in s.failed_paths and w.parent not in s.broken:
+            elif (s.sessions[w.parent] in s.failed_paths and w.parent not in s.broken
+                  and s.sessions[w.parent] not in w.held_paths):
                 # The parent's session recovered, but multipath still shuns the path its
                 # outage failed: reads would queue for ever.
                 steps.append(ReinstatePath(s.sessions[w.parent]))
