@@ -333,3 +333,19 @@ def test_a_parent_that_missed_a_heartbeat_while_its_child_lost_it_loses_its_chil
     assert early.recheck_at == NOW + timedelta(seconds=15)
     assert plan_replicas("img", spec, nodes, replicas(5, False), set(), NOW).recheck_at is None
     assert plan_replicas("img", spec, nodes, replicas(25, True), set(), NOW).recheck_at is None
+
+
+def test_a_replica_that_passes_reads_through_loses_its_children_and_keeps_its_parent() -> None:
+    spec = CacheSpec(fanout=2, origin_fanout=1, node_selector={})
+    nodes = [NodeFacts(n, True) for n in ("a", "b", "c")]
+    beat = NOW - timedelta(seconds=5)
+    full = {"type": "Cached", "status": "False", "reason": "CacheDiskFull"}
+    b = ReplicaFacts.from_dict({
+        "metadata": {"name": "img.b"},
+        "spec": {"imageCache": "img", "node": "b", "parent": "a", "depth": 2},
+        "status": {"phase": "Attached", "heartbeat": beat.isoformat(), "conditions": [full]}})
+    assert not b.caching
+    replicas = [ReplicaFacts("img.a", "img", "a", ORIGIN, 1, "Hydrating", beat), b,
+                ReplicaFacts("img.c", "img", "c", "b", 3, "Hydrating", beat)]
+    plan = plan_replicas("img", spec, nodes, replicas, set(), NOW)
+    assert {(u.node, u.parent) for u in plan.update} == {("c", "a")}

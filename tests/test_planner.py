@@ -172,6 +172,39 @@ def test_no_node_and_not_the_origin_exceeds_its_fanout(
     assert all(c <= fanout for p, c in counts.items() if p != ORIGIN)
 
 
+@st.composite
+def some_not_serving(draw: st.DrawFn) -> list[NodeState]:
+    """Arbitrary nodes, some of which cannot re-export (a full cache disk: pass-through)."""
+    return [NodeState(n.name, n.ready, n.topology, n.parent, n.hydrated,
+                      serves=draw(st.booleans()))
+            for n in draw(arbitrary_nodes())]
+
+
+@PROPERTY
+@given(some_not_serving(), fanouts())
+def test_a_node_that_does_not_serve_gets_no_children_and_every_node_is_still_placed(
+    nodes: list[NodeState], k: tuple[int, int | None]
+) -> None:
+    fanout, origin_fanout = k
+    plan = plan_tree(nodes, fanout, origin_fanout)
+    assert set(plan) == ready_names(nodes)
+    counts = child_counts(plan)
+    assert all(counts[n.name] == 0 for n in nodes if not n.serves)
+    assert all(reaches_origin(plan, name) for name in plan)
+    assert all(c <= fanout for p, c in counts.items() if p != ORIGIN)
+    # each node that adds no room may push one node under the origin beyond its fan-out
+    leaves = sum(1 for n in nodes if n.ready and not n.serves)
+    assert counts[ORIGIN] <= (origin_fanout or fanout) + leaves
+
+
+def test_the_children_of_a_node_that_stops_serving_move_to_its_parent() -> None:
+    nodes = [NodeState("a", parent=ORIGIN), NodeState("b", parent="a", serves=False),
+             NodeState("c", parent="b"), NodeState("d", parent="b")]
+    plan = plan_tree(nodes, 3, 1)
+    assert plan["b"].parent == "a"  # it keeps reading through its own parent
+    assert plan["c"].parent == plan["d"].parent == "a"
+
+
 @PROPERTY
 @given(arbitrary_nodes(), fanouts())
 def test_each_domain_forms_one_subtree_under_a_single_entry_node(

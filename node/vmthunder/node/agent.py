@@ -39,6 +39,7 @@ from vmthunder.node.hydrate import Hydrator, Upstream, parse_profile, plan_prefe
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import IscsiTransport, Transport
 from vmthunder.operator.model import (
+    CACHE_CONDITION,
     GROUP,
     IMAGE_CACHES,
     IMAGE_REPLICAS,
@@ -49,7 +50,6 @@ from vmthunder.operator.model import (
 
 log = logging.getLogger("vmthunder.agent")
 INITIATOR_CONDITION = "Initiator"
-CACHE_CONDITION = "Cached"
 # Events about cluster-scoped objects (ImageReplicas) live in this namespace.
 EVENTS_NAMESPACE = "default"
 DEFAULT_REGION = 65536

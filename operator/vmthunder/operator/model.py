@@ -22,6 +22,9 @@ REPLICA_PHASES: Final = (
     "Pending", "Attaching", "Attached", "Hydrating", "Hydrated", "Detached", "Failed",
 )
 HYDRATED_PHASES: Final = frozenset({"Hydrated", "Detached"})
+# A replica's condition: False while its node has no room for the cache and passes reads
+# through to its parent (it then takes no children).
+CACHE_CONDITION: Final = "Cached"
 
 
 def replica_name(image_cache: str, node: str) -> str:
@@ -78,6 +81,7 @@ class ReplicaFacts:
     hydrated_regions: int = 0
     total_regions: int = 0
     parent_lost: bool = False  # its session to its parent carries no I/O
+    caching: bool = True  # False: no room for its cache, it passes reads through (a leaf)
 
     @property
     def hydrated(self) -> bool:
@@ -99,6 +103,8 @@ class ReplicaFacts:
             hydrated_regions=int(status.get("hydratedRegions", 0)),
             total_regions=int(status.get("totalRegions", 0)),
             parent_lost=bool(status.get("parentLostAt")),
+            caching=not any(c.get("type") == CACHE_CONDITION and c.get("status") == "False"
+                            for c in status.get("conditions") or ()),
         )
 
 

@@ -29,7 +29,12 @@ ready node. What it guarantees (each pinned by a property test in tests/test_pla
   parents first among equally shallow ones. Orphans are re-attached shallowest first, so an
   orphan's ancestors are back in the tree before it looks for them. Pass departed nodes as
   `ready=False` with their last parent to let their orphans find their grandparents;
-- deterministic: the same nodes in any order give the same plan.
+- deterministic: the same nodes in any order give the same plan;
+- a node that does not serve (`serves=False`: its cache disk is full, it only passes reads
+  through to its parent) gets no children; its children are orphans. Where no serving node
+  has room for a node, it goes under the origin beyond `origin_fanout` (at most one extra
+  child per non-serving node), and a domain member whose domain has no room goes wherever
+  there is room, outside its domain.
 
 Repairs keep subtrees intact, so a repaired tree can be deeper than a fresh plan would be;
 a fresh plan of the same nodes is the way to rebalance.
@@ -62,6 +67,7 @@ class NodeState:
     topology: str | None = None  # value of the topology label (zone/rack); None = no domain
     parent: str | None = None  # current parent: node name, ORIGIN, or None if unplaced
     hydrated: bool = False  # its cache is complete (a preferred parent)
+    serves: bool = True  # False: it cannot re-export the image (a pass-through): a leaf
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,9 @@ class _Planner:
     # --- helpers -------------------------------------------------------------------------
 
     def cap(self, name: str) -> int:
-        return self.origin_fanout if name == ORIGIN else self.fanout
+        if name == ORIGIN:
+            return self.origin_fanout
+        return self.fanout if self.ready[name].serves else 0
 
     def spare(self, name: str) -> int:
         return self.cap(name) - len(self.children.get(name, ()))
@@ -364,19 +372,22 @@ class _Planner:
         elif d in self.entry:
             parent = self._ancestor(root, lambda a: a != ORIGIN and self.dom[a] == d)
             parent = parent or self._best(self.dom_heap[d])
-            if parent is None:
-                self._evict_for(root, d)
-            else:
+            if parent is not None:
                 self._attach(root, parent)
+            elif not self._evict_for(root, d):  # no room in the domain at all (leaves)
+                self._attach(root, self._global_parent(root))
         elif self.pending.get(d) and not force:
             self.waiting[d].append(root)  # its domain's current entry is on its way back
         else:
             self._attach(root, self._entry_parent(root))
 
     def _global_parent(self, root: str) -> str:
-        parent = self._ancestor(root, lambda a: True) or self._best(self.heap)
-        assert parent is not None  # the origin or some node always has a free slot
-        return parent
+        # Only nodes that do not serve use up room without adding any: with none, the origin
+        # or some node always has a free slot; else the origin takes one more child.
+        parent = self._ancestor(root, lambda a: True)
+        if parent is None:
+            parent = self._best(self.heap)
+        return ORIGIN if parent is None else parent
 
     def _ancestor(self, root: str, allowed: Callable[[str], bool]) -> str | None:
         """The nearest ancestor in the previous tree that is attached and has room."""
@@ -400,8 +411,9 @@ class _Planner:
         self.depth[root] = self.depth[parent] + 1
         self._attach_below(root)
 
-    def _evict_for(self, root: str, d: str) -> None:
-        """Domain d is full: move out one non-member child of its shallowest member."""
+    def _evict_for(self, root: str, d: str) -> bool:
+        """Domain d is full: moves out one non-member child of its shallowest member to make
+        room for `root` there; False (nothing done) when no member has such a child."""
         members = sorted(
             (n for n in self.depth if n != ORIGIN and self.dom[n] == d),
             key=lambda n: (self.depth[n], 0 if self.hydrated(n) else 1, n),
@@ -412,7 +424,7 @@ class _Planner:
                 victim = outsiders[0]
                 break
         else:
-            raise AssertionError(f"domain {d!r} is full but has no outside child to move")
+            return False
         self._unlink(victim)
         for n in self._fragment(victim):
             del self.depth[n]
@@ -426,3 +438,4 @@ class _Planner:
             self._attach(victim, root)
         else:
             self._enqueue(victim)
+        return True

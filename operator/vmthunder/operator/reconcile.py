@@ -145,6 +145,7 @@ def plan_replicas(
                 topology=node.labels.get(spec.topology_key),
                 parent=replica.parent if replica else None,
                 hydrated=replica.hydrated if replica else False,
+                serves=replica.caching if replica else True,
             )
         )
     placements = plan_tree(states, spec.fanout, spec.origin_fanout)
