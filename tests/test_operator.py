@@ -168,42 +168,38 @@ def test_failed_or_silent_replica_loses_its_children(cluster: Cluster) -> None:
     cluster.set_replica_status("golden", silent, heartbeat=datetime.now(UTC).isoformat())
 
 
-def test_a_parent_its_child_lost_and_that_missed_a_heartbeat_loses_its_children(
-        cluster: Cluster) -> None:
+def _lose_a_parent(cluster: Cluster, beat_ago: float, timeout: float) -> float:
+    """A parent whose last heartbeat was `beat_ago` s ago and a child that lost its session to
+    it; returns how long its children took to move."""
     parents = cluster.parents("golden")
     parent = sorted({p for p in parents.values() if p != ORIGIN})[2]
     child = sorted(n for n, p in parents.items() if p == parent)[0]
     now = datetime.now(UTC)
-    missed = (now - timedelta(seconds=30)).isoformat().replace("+00:00", "Z")  # not yet stale
-    cluster.set_replica_status("golden", parent, phase="Hydrating", heartbeat=missed)
-    cluster.set_replica_status("golden", child, phase="Hydrating",
-                               heartbeat=now.isoformat().replace("+00:00", "Z"),
-                               parentLostAt=now.isoformat().replace("+00:00", "Z"))
-    wait_for("children moved off the lost parent",
-             lambda: parent not in set(cluster.parents("golden").values()), timeout=30)
-    cluster.set_replica_status("golden", parent, heartbeat=datetime.now(UTC).isoformat())
-    cluster.set_replica_status("golden", child, parentLostAt=None)
-
-
-def test_a_lost_parent_s_children_move_when_its_heartbeat_falls_due_not_at_the_resync(
-        cluster: Cluster) -> None:
-    parents = cluster.parents("golden")
-    parent = sorted({p for p in parents.values() if p != ORIGIN})[2]
-    child = sorted(n for n, p in parents.items() if p == parent)[0]
-    now = datetime.now(UTC)
-    beat = (now - timedelta(seconds=10)).isoformat().replace("+00:00", "Z")  # due in 10 s
+    beat = (now - timedelta(seconds=beat_ago)).isoformat().replace("+00:00", "Z")
     cluster.set_replica_status("golden", parent, phase="Hydrating", heartbeat=beat)
     cluster.set_replica_status("golden", child, phase="Hydrating",
                                heartbeat=now.isoformat().replace("+00:00", "Z"),
                                parentLostAt=now.isoformat().replace("+00:00", "Z"))
     t0 = time.monotonic()
-    # The child's word alone changes nothing (its parent still heartbeats); the next plan is
-    # due when the heartbeat is missed, 10 s on, well before the 20 s resync.
     wait_for("children moved off the lost parent",
-             lambda: parent not in set(cluster.parents("golden").values()), timeout=17)
-    assert time.monotonic() - t0 > 8  # not before the heartbeat was missed
+             lambda: parent not in set(cluster.parents("golden").values()), timeout=timeout)
+    took = time.monotonic() - t0
     cluster.set_replica_status("golden", parent, heartbeat=datetime.now(UTC).isoformat())
     cluster.set_replica_status("golden", child, parentLostAt=None)
+    return took
+
+
+def test_a_parent_its_child_lost_and_that_missed_a_heartbeat_loses_its_children(
+        cluster: Cluster) -> None:
+    _lose_a_parent(cluster, beat_ago=30, timeout=30)  # missed, not yet stale (60 s)
+
+
+def test_a_lost_parent_s_children_move_when_its_heartbeat_falls_due_not_at_the_resync(
+        cluster: Cluster) -> None:
+    # The child's word alone changes nothing (its parent still heartbeats); the next plan is
+    # due when the heartbeat is missed, 10 s on, well before the 20 s resync.
+    took = _lose_a_parent(cluster, beat_ago=10, timeout=17)
+    assert took > 8  # not before the heartbeat was missed
 
 
 def test_node_with_a_volume_gets_a_replica_on_demand(cluster: Cluster) -> None:
