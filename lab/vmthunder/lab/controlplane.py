@@ -80,8 +80,9 @@ class ControlPlane:
     def spawn_operator(
         self, log: Path, priority: int = 0, metrics_port: int | None = None
     ) -> subprocess.Popen[bytes]:
-        """The operator as a real process (`vmthunder operator`) against this API server."""
-        with open(log, "wb") as out:
+        """The operator as a real process (`vmthunder operator`) against this API server; a
+        restarted one appends to the same log."""
+        with open(log, "ab") as out:
             return subprocess.Popen(
                 [sys.executable, "-m", "vmthunder.cli", "operator", "--priority", str(priority),
                  "--metrics-port", str(metrics_port or free_port())],

@@ -79,6 +79,7 @@ class Options:
     boot_timeout: float = 600.0
     results: Path = REPO / "results"
     live: bool = True
+    slot: int | None = None  # the lab's slot; None takes the first free one
 
 
 # --- pure summaries ---------------------------------------------------------------------------
@@ -261,7 +262,8 @@ def _daemon(g: Guest, cmd: str, marker: str, log: str) -> None:
             g.start_background(["/bin/sh", "-c", f"exec env {cmd}"], log=log)
             return
         except Exception:
-            if _quick(g, f"pgrep -f '{marker}' || true").strip():
+            # "[v]mthunder..." matches the process but not this shell's own command line
+            if _quick(g, f"pgrep -f '[{marker[0]}]{marker[1:]}' || true").strip():
                 return
     raise ProvisionError(f"{g.name}: could not start {marker}")
 
@@ -360,7 +362,7 @@ class Rig:
         printer.say(f"lab: origin + {options.nodes} nodes (qemu TCG), links "
                     f"{options.rate_mbit} Mbit/s standing for 1 Gbit/s, image {disk} "
                     f"({profile.image_size >> 20} MiB)")
-        lab = Lab.up(options.nodes, image=disk, rate_mbit=options.rate_mbit)
+        lab = Lab.up(options.nodes, image=disk, rate_mbit=options.rate_mbit, slot=options.slot)
         rig: Rig | None = None
         try:
             printer.say(f"  guests up in {lab.boot_seconds:.1f} s; control plane on "
@@ -400,14 +402,8 @@ class Rig:
         core.create_namespaced_config_map(NAMESPACE, {  # type: ignore[arg-type]
             "metadata": {"name": "golden-boot-profile"},
             "data": {"profile": self.profile_path.read_text()}})
-        self.procs["operator"] = cp.spawn_operator(self.workdir / "operator.log", priority=100)
-        with open(self.workdir / "csi-controller.log", "wb") as log:
-            self.procs["csi-controller"] = subprocess.Popen(
-                [_py(), "-m", "vmthunder.cli", "csi", "--mode", "controller",
-                 "--endpoint", f"unix://{self.controller_socket}", "--node-id", "host",
-                 "--replica-wait", "120"],
-                env={**cp.env(), "PYTHONUNBUFFERED": "1"}, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+        self.start_operator()
+        self.start_csi_controller()
         t0 = time.monotonic()
         with ThreadPoolExecutor(len(lab.nodes) or 1) as pool:
             list(pool.map(self._start_node, lab.nodes))
@@ -426,19 +422,50 @@ class Rig:
         labdrive.prepare_node(g)
         _quick(g, f"mkdir -p {os.path.dirname(CSI_SOCKET)} {CACHE_DIR}/volumes")
         self.offsets[g.name] = guest_clock_offset(g)
+        self.start_agent(g)
+        self.start_csi_node(g)
+
+    # The processes, each started the one way the rig runs it: at bring-up, and again to
+    # restart one after a crash (bench/kill_restart.py).
+
+    def start_operator(self) -> None:
+        """The operator on the host (kopf, peering priority 100); its log is appended to."""
+        self.procs["operator"] = self.cp.spawn_operator(self.workdir / "operator.log",
+                                                        priority=100)
+
+    def start_csi_controller(self) -> None:
+        """The CSI controller on the host, serving on `controller_socket`."""
+        with open(self.workdir / "csi-controller.log", "ab") as log:
+            self.procs["csi-controller"] = subprocess.Popen(
+                [_py(), "-m", "vmthunder.cli", "csi", "--mode", "controller",
+                 "--endpoint", f"unix://{self.controller_socket}", "--node-id", "host",
+                 "--replica-wait", "120"],
+                env={**self.cp.env(), "PYTHONUNBUFFERED": "1"}, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_agent(self, g: Guest) -> None:
+        """The node agent in guest g (log: /tmp/agent.log in the guest)."""
         env = _env(f"KUBECONFIG={self.cp.kubeconfig}")
         _daemon(g, f"{env} {_py()} -m vmthunder.cli agent --node {g.name} --export-ip {g.ip} "
                 f"--cache-dir {CACHE_DIR} --interval 1 --metrics-port {AGENT_METRICS_PORT}",
                 "vmthunder.cli agent", "/tmp/agent.log")
+
+    def start_csi_node(self, g: Guest, timeout: float = NODE_READY_TIMEOUT,
+                       wait: bool = True) -> None:
+        """The CSI node plugin in guest g (log: /tmp/csi-node.log); with wait, returns once
+        its Probe says ready."""
+        env = _env(f"KUBECONFIG={self.cp.kubeconfig}")
         _daemon(g, f"{env} {_py()} -m vmthunder.cli csi --mode node "
                 f"--endpoint unix://{CSI_SOCKET} --node-id {g.name} "
                 f"--state-dir {CACHE_DIR}/volumes --stage-wait 30 "
                 f"--metrics-port {CSI_NODE_METRICS_PORT}", "vmthunder.cli csi",
                 "/tmp/csi-node.log")
+        if not wait:
+            return
         probe = (
             "import time\nfrom vmthunder.csi.client import connect\n"
             "from vmthunder.csi.proto import csi_pb2\n"
-            f"deadline = time.monotonic() + {NODE_READY_TIMEOUT}\n"
+            f"deadline = time.monotonic() + {timeout}\n"
             "while True:\n"
             "    try:\n"
             f"        c = connect('unix://{CSI_SOCKET}')\n"
@@ -450,7 +477,7 @@ class Rig:
         tag = f"vmt-probe-{os.getpid()}"
         _quick(g, f"cat > /tmp/{tag}.py <<'EOF'\n{probe}EOF")
         try:
-            _detached(g, f"{_env()} {_py()} /tmp/{tag}.py", tag, NODE_READY_TIMEOUT + 60)
+            _detached(g, f"{_env()} {_py()} /tmp/{tag}.py", tag, timeout + 60)
         except RuntimeError as e:
             raise ProvisionError(f"{g.name}: the CSI node plugin is not ready: {e}\n"
                                  f"{_quick(g, 'tail -c 3000 /tmp/csi-node.log')}") from None
