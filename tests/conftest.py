@@ -21,3 +21,13 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         yield cp
     finally:
         cp.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from fault_table import table
+
+    lines = table()
+    if lines:
+        terminalreporter.section("faults injected in the lab")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from fault_table import record
 
 from vmthunder.lab.lab import Guest
 from vmthunder.lab.provision import HYDRATED, Options, Rig, Run
@@ -80,6 +81,9 @@ def test_vms_under_a_killed_parent_finish_booting_with_the_image_s_exact_bytes(
         storm: tuple[Rig, Run, Killed]) -> None:
     rig, run, k = storm
     survivors = [n for n in run.nodes if n.node != k.node]
+    record("parent killed under 2 booting VMs",
+           survived=all(n.read_error is None and n.sha_ok for n in survivors),
+           bytes_verified=len(survivors) * rig.profile.bytes_read)
     assert k.parent_phase not in HYDRATED
     for n in survivors:
         assert n.read_error is None and n.sha_ok, (n, rig.logs())
@@ -98,13 +102,17 @@ def test_the_orphaned_caches_complete_from_their_new_parents_with_the_image_s_by
         storm: tuple[Rig, Run, Killed]) -> None:
     rig, run, k = storm
     image = labdrive.sha256_file(rig.disk)
-    for n in run.nodes:
-        if n.node == k.node:
-            continue
+    survivors = [n for n in run.nodes if n.node != k.node]
+    sums = {n.node: labdrive.guest_sha256(rig.lab.guest(n.node),
+                                          f"/dev/mapper/{names.cache_dev(run.name)}",
+                                          rig.profile.image_size)
+            for n in survivors if n.detached is not None}
+    record("orphaned caches completed from new parents",
+           survived=len(sums) == len(survivors) and set(sums.values()) == {image},
+           bytes_verified=len(sums) * rig.profile.image_size)
+    for n in survivors:
         assert n.detached is not None, (n, rig.logs())
-        g = rig.lab.guest(n.node)
-        dev = f"/dev/mapper/{names.cache_dev(run.name)}"
-        assert labdrive.guest_sha256(g, dev, rig.profile.image_size) == image, n.node
+        assert sums[n.node] == image, n.node
 
 
 @dataclass
@@ -179,19 +187,25 @@ def test_a_hydrated_node_serves_while_the_origin_is_away_and_the_others_resume_a
         outage: tuple[Rig, Outage]) -> None:
     rig, o = outage
     image = labdrive.sha256_file(rig.disk)
-    assert o.served_during == image
     print(f"\norigin frozen {o.seconds:.0f} s with the replicas at {o.progress_at_freeze} "
           f"regions; every replica detached {o.complete_after:.0f} s after it came back")
-    for n in o.progress_at_freeze:
-        g = rig.lab.guest(n)
-        dev = f"/dev/mapper/{names.cache_dev(o.image)}"
-        assert labdrive.guest_sha256(g, dev, rig.profile.image_size) == image, n
+    sums = {n: labdrive.guest_sha256(rig.lab.guest(n), f"/dev/mapper/{names.cache_dev(o.image)}",
+                                     rig.profile.image_size) for n in o.progress_at_freeze}
     # All complete and detached: no node holds a session any more (both images read through
     # the origin's one session; the last to detach logs it out).
-    for n in o.progress_at_freeze:
-        g = rig.lab.guest(n)
-        deadline = time.monotonic() + 90
-        while held := g.run("cat /sys/class/iscsi_session/*/targetname 2>/dev/null",
-                            timeout=30).stdout.strip():
-            assert time.monotonic() < deadline, f"{n} still holds sessions to {held}"
-            time.sleep(2)
+    def sessions() -> dict[str, list[str]]:
+        return {n: rig.lab.guest(n).run("cat /sys/class/iscsi_session/*/targetname 2>/dev/null",
+                                        timeout=30).stdout.split()
+                for n in o.progress_at_freeze}
+
+    deadline = time.monotonic() + 90
+    while any((held := sessions()).values()) and time.monotonic() < deadline:
+        time.sleep(2)
+    record(f"origin frozen {o.seconds:.0f} s mid-hydration",
+           survived=o.served_during == image and set(sums.values()) == {image},
+           bytes_verified=(len(sums) + 1) * rig.profile.image_size,
+           leaks=sum(map(len, held.values())))
+    assert o.served_during == image
+    for n, sha in sums.items():
+        assert sha == image, n
+    assert not any(held.values()), f"sessions left: {held}"
