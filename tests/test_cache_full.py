@@ -55,6 +55,8 @@ def full() -> Iterator[tuple[Rig, Run]]:
     rig = Rig.start(Options(nodes=1, live=False))
     try:
         g = rig.lab.nodes[0]
+        fs = g.run(f"stat -f -c %T {CACHE_DIR}", check=True).stdout.strip()
+        assert fs == "ext2/ext3", fs  # the node's own cache disk, as on a real node
         g.run(f"avail=$(df -B1 --output=avail {CACHE_DIR} | tail -1); "
               f"fallocate -l $((avail - {LEFT_FREE})) {FILLER}", timeout=60, check=True)
         yield rig, rig.provision(IMAGE, wait_hydrated=False)

@@ -99,15 +99,16 @@ def test_status_publishes_export_address_and_initiator_condition() -> None:
 
 def test_a_pass_through_is_usable_says_why_in_its_condition_and_warns_once() -> None:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    full = Report(**{**report(CacheState("passthrough", size=1 << 30), 0).__dict__,
+    full = Report(**{**report(CacheState("passthrough", size=3 << 30), 0).__dict__,
                      "phase": plan_phase(CacheState("passthrough"), True, 0, None),
-                     "cache_dir": "/var/lib/vmthunder", "cache_space_missing": 3 << 20})
+                     "cache_dir": "/var/lib/vmthunder"})
     st = plan_status(full, {}, t0)
     conds = {c["type"]: c for c in st["conditions"]}
     assert st["phase"] == "Attached" and conds["Ready"]["status"] == "True"
     assert conds[CACHE_CONDITION]["status"] == "False"
     assert conds[CACHE_CONDITION]["reason"] == "CacheDiskFull"
-    assert "/var/lib/vmthunder lacks 3 MiB" in conds[CACHE_CONDITION]["message"]
+    assert "no room in /var/lib/vmthunder for this image's cache (3072 MiB" in conds[
+        CACHE_CONDITION]["message"]
     warning = plan_cache_event({}, st)
     assert warning is not None and warning[:2] == ("Warning", "CacheDiskFull")
     assert plan_cache_event(st, plan_status(full, st, t0)) is None  # once, not every round
@@ -116,17 +117,6 @@ def test_a_pass_through_is_usable_says_why_in_its_condition_and_warns_once() -> 
     back = plan_cache_event(st, cached)
     assert back is not None and back[:2] == ("Normal", "CacheBuilt")
     assert plan_cache_event({}, cached) is None  # a cache from the start is no news
-
-
-def test_a_pass_through_rereads_the_stack_as_soon_as_there_is_room() -> None:
-    want = Want("img", "n", 1 << 20, 65536, TargetAddress("10.0.0.2:3260", "iqn.x:o"), None,
-                "10.0.0.11")
-    assert want.parent is not None
-    on = session_states([want.parent], ())
-    through = CacheState("passthrough", size=1 << 20)
-    last = Converged(want, "passthrough", False, on, "@origin", at=100.0)
-    assert not plan_full_round(last, want, through, on, 101.0, cache_space_missing=4096)
-    assert plan_full_round(last, want, through, on, 101.0, cache_space_missing=0)
 
 
 def test_images_without_a_replica_are_removed() -> None:
@@ -297,18 +287,22 @@ def test_the_metrics_collector_renders_each_images_last_status() -> None:
 
 
 def test_a_path_failing_after_each_reinstatement_is_retried_with_a_growing_backoff() -> None:
-    assert plan_held_paths(None, 100.0) == frozenset()
-    first = plan_reinstated(None, "8:16", 100.0)
+    a = TargetAddress("10.0.0.11:3260", "iqn.x:a.img")
+    b = TargetAddress("10.0.0.12:3260", "iqn.x:b.img")
+    assert plan_held_paths(None, a, 100.0) == frozenset()
+    first = plan_reinstated(None, a, "8:16", 100.0)
     assert first.times == 1
-    assert plan_held_paths(first, 101.0) == {"8:16"}  # failed again at once: wait 2 s
-    assert plan_held_paths(first, 102.0) == frozenset()
-    again = plan_reinstated(first, "8:16", 102.0)
-    assert again.times == 2 and plan_held_paths(again, 105.0) == {"8:16"}  # 4 s now
+    assert plan_held_paths(first, a, 101.0) == {"8:16"}  # failed again at once: wait 2 s
+    assert plan_held_paths(first, b, 101.0) == frozenset()  # a new parent: no wait
+    assert plan_held_paths(first, a, 102.0) == frozenset()
+    again = plan_reinstated(first, a, "8:16", 102.0)
+    assert again.times == 2 and plan_held_paths(again, a, 105.0) == {"8:16"}  # 4 s now
     t, r = 102.0, again
     for _ in range(10):
         t += reinstate_backoff(r.times)
-        r = plan_reinstated(r, "8:16", t)
+        r = plan_reinstated(r, a, "8:16", t)
     assert reinstate_backoff(r.times) == REINSTATE_BACKOFF_MAX  # capped
-    # a new parent's disk, or the same one failing long after its last repair: a fresh start
-    assert plan_reinstated(r, "8:32", t + 1).times == 1
-    assert plan_reinstated(first, "8:16", 100.0 + 2 + REINSTATE_BACKOFF_MAX).times == 1
+    # another parent's disk (even one that reuses the number), or the same one failing long
+    # after its last repair: a fresh start
+    assert plan_reinstated(r, b, "8:16", t + 1).times == 1
+    assert plan_reinstated(first, a, "8:16", 100.0 + 2 + REINSTATE_BACKOFF_MAX).times == 1

@@ -59,6 +59,11 @@ def test_a_pass_through_becomes_a_cache_once_there_is_room_and_never_detaches_be
     full = built(w, ORIGIN, CacheState("passthrough", size=64 * MIB))
     assert stack.plan_image(w, stack.Seen(**{**full.__dict__, "cache_space_missing": 1})) == []
     assert stack.plan_image(w, full) == [stack.BuildCache()]
+    # not while the parent is away: the reload would wait on the reads queued for it
+    away = stack.Seen(**{**full.__dict__, "broken": frozenset({ORIGIN})})
+    assert stack.plan_image(w, away) == []
+    failed = stack.Seen(**{**full.__dict__, "failed_paths": frozenset({"8:0"})})
+    assert stack.BuildCache() not in stack.plan_image(w, failed)
 
 
 def test_reparent_logs_in_reloads_source_then_logs_out_of_old_parent() -> None:

@@ -197,6 +197,24 @@ def test_a_node_that_does_not_serve_gets_no_children_and_every_node_is_still_pla
     assert counts[ORIGIN] <= (origin_fanout or fanout) + leaves
 
 
+@PROPERTY
+@given(st.data(), fresh_nodes(), fanouts())
+def test_a_plan_with_nodes_that_do_not_serve_is_stable_when_fed_back(
+    data: st.DataObject, nodes: list[NodeState], k: tuple[int, int | None]
+) -> None:
+    nodes = [NodeState(n.name, topology=n.topology, serves=data.draw(st.booleans()))
+             for n in nodes]
+    plan = plan_tree(nodes, *k)
+    again = [NodeState(n.name, topology=n.topology, parent=plan[n.name].parent,
+                       serves=n.serves) for n in nodes]
+    assert plan_tree(again, *k) == plan
+
+
+def test_a_node_that_does_not_serve_does_not_take_the_origin_s_last_slot() -> None:
+    plan = plan_tree([NodeState("a", serves=False), NodeState("b"), NodeState("c")], 2, 1)
+    assert {n: p.parent for n, p in plan.items()} == {"b": ORIGIN, "a": "b", "c": "b"}
+
+
 def test_the_children_of_a_node_that_stops_serving_move_to_its_parent() -> None:
     nodes = [NodeState("a", parent=ORIGIN), NodeState("b", parent="a", serves=False),
              NodeState("c", parent="b"), NodeState("d", parent="b")]

@@ -16,8 +16,8 @@ replicas, so a parent can give it an ACL; the CRD has no dedicated field for it.
 
 A cache filesystem without room for an image's cache makes the stack pass reads through to
 the parent uncached: the replica stays usable (phase Attached), its condition "Cached" turns
-False with reason CacheDiskFull and what is missing, and a Warning Event says so once. The
-cache is built, under the volumes, at the first full round that finds room.
+False with reason CacheDiskFull, and a Warning Event says so once. The cache is built, under
+the volumes, at the first full round (at most RESYNC_SECONDS apart) that finds room.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ import logging
 import threading
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from prometheus_client import start_http_server
 
 from vmthunder.node import blockdev, dm, iscsi, metrics, names, stack
-from vmthunder.node.cache import CacheBackend, CacheState, make_backend
+from vmthunder.node import transport as transports
+from vmthunder.node.cache import VOLUME_HEADROOM, CacheBackend, CacheState, make_backend
 from vmthunder.node.hydrate import Hydrator, Upstream, parse_profile, plan_prefetch, upstream_of
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import IscsiTransport, Transport
@@ -119,7 +120,6 @@ class Report:
     message: str
     parent_lost: bool = False  # the session to the wanted parent carries no I/O
     cache_dir: str = ""
-    cache_space_missing: int = 0  # bytes the cache filesystem lacks (pass-through)
 
 
 def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[str, Any]:
@@ -166,10 +166,13 @@ def cache_condition(r: Report) -> dict[str, str] | None:
         return {"type": CACHE_CONDITION, "status": "True", "reason": "Caching",
                 "message": f"the image is cached in {r.cache_dir}"}
     if r.cache.kind == "passthrough":
+        # Fixed words: a figure that moves with every write on the disk would rewrite the
+        # status every round.
         return {"type": CACHE_CONDITION, "status": "False", "reason": "CacheDiskFull",
-                "message": f"the cache filesystem {r.cache_dir} lacks "
-                           f"{_mib(r.cache_space_missing)} for this image's cache: reads pass "
-                           "through to the parent uncached until there is room"}
+                "message": f"no room in {r.cache_dir} for this image's cache "
+                           f"({_mib(r.cache.size)}, keeping {VOLUME_HEADROOM:.0%} of the "
+                           "filesystem free for volumes): reads pass through to the parent "
+                           "uncached until there is room"}
     return None
 
 
@@ -198,9 +201,11 @@ def plan_cache_event(previous: Mapping[str, Any], status: Mapping[str, Any]
 class Reinstated:
     """The last reinstatement of an image's path to its parent."""
 
+    parent: TargetAddress
     device: str  # "8:0"
     times: int  # reinstated this often in a row, each failing again
     at: float  # monotonic seconds
+    failing: bool = False  # the last full round found it failed again
 
 
 def reinstate_backoff(times: int) -> float:
@@ -208,22 +213,25 @@ def reinstate_backoff(times: int) -> float:
     return min(REINSTATE_BACKOFF_MAX, 2.0 ** times)
 
 
-def plan_held_paths(last: Reinstated | None, now: float) -> frozenset[str]:
+def plan_held_paths(last: Reinstated | None, parent: TargetAddress | None,
+                    now: float) -> frozenset[str]:
     """The path not to reinstate yet: a reload that keeps failing it (a parent whose disk
     refuses the queued requests) must not cost a full round and a kernel message every
     second."""
-    if last is None or now - last.at >= reinstate_backoff(last.times):
+    if (last is None or last.parent != parent
+            or now - last.at >= reinstate_backoff(last.times)):
         return frozenset()
     return frozenset({last.device})
 
 
-def plan_reinstated(last: Reinstated | None, device: str, now: float) -> Reinstated:
-    """The record after reinstating `device`: one more in a row if the previous one failed
-    within a backoff's reach, else the first."""
-    if (last is not None and last.device == device
+def plan_reinstated(last: Reinstated | None, parent: TargetAddress, device: str,
+                    now: float) -> Reinstated:
+    """The record after reinstating `device`: one more in a row if the previous one, of the
+    same parent's disk, failed within a backoff's reach; else the first."""
+    if (last is not None and (last.parent, last.device) == (parent, device)
             and now - last.at < reinstate_backoff(last.times) + REINSTATE_BACKOFF_MAX):
-        return Reinstated(device, last.times + 1, now)
-    return Reinstated(device, 1, now)
+        return Reinstated(parent, device, last.times + 1, now)
+    return Reinstated(parent, device, 1, now)
 
 
 def plan_removals(kernel_images: set[str], wanted: set[str]) -> set[str]:
@@ -249,14 +257,13 @@ def session_states(sessions: Iterable[TargetAddress],
 
 
 def plan_full_round(last: Converged | None, want: stack.Want, cache: CacheState,
-                    sessions: frozenset[tuple[TargetAddress, bool]], now: float,
-                    cache_space_missing: int = 0) -> bool:
+                    sessions: frozenset[tuple[TargetAddress, bool]], now: float) -> bool:
     """Whether the round must read the whole stack and plan: something wanted changed, the
     cache layer changed state (completion is when it detaches), a session came, went, broke
-    or recovered, a pass-through found room for its cache, or the resync is due."""
+    or recovered, or the resync is due (a pass-through looks for room for its cache then: a
+    build that finds none after all costs a reservation tried and undone, not every round)."""
     return (last is None or last.want != want or last.cache_kind != cache.kind
             or last.cache_complete != cache.complete or last.sessions != sessions
-            or (cache.kind == "passthrough" and not cache_space_missing)
             or now - last.at >= RESYNC_SECONDS)
 
 
@@ -344,11 +351,10 @@ class Kube:
 class Agent:
     def __init__(self, node: str, kube: Kube, backend: CacheBackend, transport: Transport,
                  export_ip: str, *, initiator: str | None = None, multipath: bool = True,
-                 profile_file: str | None = None, cache_dir: str = "") -> None:
+                 profile_file: str | None = None) -> None:
         self.node = node
         self.kube = kube
         self.backend = backend
-        self.cache_dir = cache_dir
         self.transport = transport
         self.export_ip = export_ip
         self.initiator = initiator or iscsi.initiator_name()
@@ -441,34 +447,35 @@ class Agent:
             parent_chap=chap, export_ip=self.export_ip, children=children, children_chap=chap,
             detach_when_hydrated=cspec.get("detachPolicy", "WhenHydrated") == "WhenHydrated",
             multipath=self.multipath,
-            held_paths=plan_held_paths(self.reinstated.get(image), time.monotonic()),
+            held_paths=plan_held_paths(self.reinstated.get(image), parent, time.monotonic()),
         )
         message = ""
         attached = ""
         cache = self.backend.observe(image)
-        missing = (self.backend.missing_bytes(image, size, region)
-                   if size and cache.kind == "passthrough" else 0)
+        connections = self.transport.connections()  # one walk of the sessions in sysfs
         sessions = session_states(
-            stack.sessions_of_image(image, origin_iqn, self.transport.attached()),
-            self.transport.broken())
+            stack.sessions_of_image(image, origin_iqn, transports.devices(connections)),
+            transports.broken(connections))
         last = self.converged.pop(image, None)  # kept below only if this round changes nothing
         now = time.monotonic()
         if not size:
             message = "waiting for the parent's export"
-        elif last is not None and not plan_full_round(last, w, cache, sessions, now, missing):
+        elif last is not None and not plan_full_round(last, w, cache, sessions, now):
             attached = last.attached_parent
             self.converged[image] = last
         else:
             seen, steps = stack.apply_image(w, self.backend, self.transport, origin_iqn)
+            held = self.reinstated.get(image)
+            if held is not None and w.held_paths:
+                self.reinstated[image] = replace(held, failing=held.device in seen.failed_paths)
             for step in steps:
-                if isinstance(step, stack.ReinstatePath):
+                if isinstance(step, stack.ReinstatePath) and parent is not None:
                     self.reinstated[image] = plan_reinstated(
-                        self.reinstated.get(image), step.device, now)
+                        self.reinstated.get(image), parent, step.device, now)
             if steps:
                 message = "applied: " + ", ".join(type(s).__name__ for s in steps)
                 log.info("%s: %s", image, message)
                 cache = self.backend.observe(image)
-                missing = seen.cache_space_missing if cache.kind == "passthrough" else 0
                 on_parent = dm.exists(names.src_dev(image))
             else:
                 on_parent = seen.src_kind is not None
@@ -478,9 +485,10 @@ class Agent:
                 self.converged[image] = Converged(
                     w, cache.kind, cache.complete, session_states(seen.sessions, seen.broken),
                     attached, now)
-        if w.held_paths:
-            message = (f"the path to the parent failed again after each of its last "
-                       f"{self.reinstated[image].times} reinstatements: retrying with a backoff")
+        held = self.reinstated.get(image)
+        if w.held_paths and held is not None and held.failing:
+            message = (f"the path to the parent failed again right after being reinstated, "
+                       f"{held.times} times in a row: retrying with a backoff")
         upstream = upstream_of(spec.get("parent") == names.ORIGIN, parent_status)
         h = self._hydrator(image, cache, cspec, size, region, parent is not None, upstream)
         c = stack.counters(image)
@@ -492,7 +500,7 @@ class Agent:
             export=TargetAddress(f"{self.export_ip}:3260", names.export_iqn(image, self.node)),
             attached_parent=attached, initiator=self.initiator,
             parent_lost=parent is not None and (parent, False) in sessions,
-            cache_dir=self.cache_dir, cache_space_missing=missing,
+            cache_dir=self.backend.cache_dir,
             message=(h.error if h and h.error else self.notes.get(image) or message),
         )
         previous = r.get("status") or {}
@@ -582,7 +590,7 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
     # (queue_if_no_path) until a new parent's path is loaded; without it the SCSI layer queues.
     tmo = replacement_timeout if replacement_timeout is not None else (5 if multipath else 600)
     agent = Agent(node, kube, make_backend(backend, cache_dir), IscsiTransport(tmo), export_ip,
-                  multipath=multipath, profile_file=profile_file, cache_dir=cache_dir)
+                  multipath=multipath, profile_file=profile_file)
     if metrics_port:
         metrics.register(lambda: dict(agent.statuses))
         start_http_server(metrics_port)

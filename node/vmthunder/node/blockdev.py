@@ -118,7 +118,7 @@ def reserve_file(path: str, size: int) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         if not existed:
             os.unlink(path)
@@ -135,13 +135,13 @@ def allocated_bytes(path: str) -> int:
         return 0
 
 
-def free_bytes(path: str) -> int:
-    """Bytes an unprivileged writer may still allocate on the filesystem holding `path` (or
-    its nearest existing parent)."""
+def free_bytes(path: str) -> tuple[int, int]:
+    """(free, total) bytes of the filesystem holding `path` (or its nearest existing parent).
+    Free as an unprivileged writer sees it: the root reserve is kept for the system."""
     while not os.path.exists(path):
         path = os.path.dirname(path) or "/"
     st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
 def ensure_sparse_file(path: str, size: int) -> None:

@@ -33,6 +33,10 @@ from typing import Protocol
 from vmthunder.node import blockdev, dm, names
 
 SECTOR = 512
+# Share of the cache filesystem a new cache leaves free: the volumes' copy-on-write files live
+# there too, sparse, and a VM whose COW write finds no room loses its disk (the snapshot turns
+# invalid), while an image without a cache merely passes its reads through.
+VOLUME_HEADROOM = 0.10
 
 
 class CacheError(RuntimeError):
@@ -66,6 +70,7 @@ class CacheState:
 
 class CacheBackend(Protocol):
     name: str
+    cache_dir: str
     kernel_background: bool  # True: the kernel hydrates in the background by itself
     # False: a read of a region not yet local passes through to -src and is not kept, so a
     # child must stay behind its parent or its reads run on up to the origin.
@@ -78,7 +83,8 @@ class CacheBackend(Protocol):
         into a cache (idempotent). Raises CacheSpaceError when the cache does not fit."""
 
     def missing_bytes(self, image: str, size: int, region_bytes: int) -> int:
-        """How many more bytes the cache filesystem needs free to hold the cache (0: fits)."""
+        """How many more bytes the cache filesystem needs free to hold the cache and keep
+        VOLUME_HEADROOM free (0: it fits)."""
 
     def hydrate(self, image: str, regions: Sequence[int], region_bytes: int, size: int,
                 queue_depth: int) -> int:
@@ -154,7 +160,8 @@ class _Files:
     def missing_bytes(self, image: str, size: int, region_bytes: int) -> int:
         need = sum(max(0, n - blockdev.allocated_bytes(path))
                    for path, n in self._files(image, size, region_bytes).items())
-        return max(0, need - blockdev.free_bytes(self.dir(image)))
+        free, total = blockdev.free_bytes(self.dir(image))
+        return max(0, need + int(total * VOLUME_HEADROOM) - free)
 
     def _needs_build(self, image: str) -> bool:
         return not dm.exists(names.cache_dev(image)) or passes_through(image)
@@ -278,7 +285,7 @@ class QemuCorBackend(_Files):
 
     def _nbd_of(self, image: str) -> str | None:
         name = names.cache_dev(image)
-        if not dm.exists(name):
+        if not dm.exists(name) or passes_through(image):
             return None
         t = dm.table(name)
         if not t or t[0].type != "linear":
@@ -327,6 +334,10 @@ class QemuCorBackend(_Files):
         if not os.path.exists(q):
             _qemu_img(["create", "-q", "-f", "qcow2", "-o", f"cluster_size={region_bytes}",
                        "-b", src, "-F", "raw", q, str(size)])
+        nbd = _nbd_serving(q)
+        if nbd is not None:  # a build that died before its reload: its qemu-nbd holds the lock
+            create_or_upgrade(image, [dm.linear(size // SECTOR, nbd)])
+            return
         nbd = _free_nbd()
         opts = (f"driver=copy-on-read,file.driver=qcow2,file.file.driver=file,"
                 f"file.file.filename={q}")
@@ -402,6 +413,18 @@ def _check(cmd: list[str], what: str) -> str:
 
 def _qemu_img(args: list[str]) -> str:
     return _check(["qemu-img", *args], f"qemu-img {args[0]}")
+
+
+def _nbd_serving(path: str) -> str | None:
+    """The /dev/nbdN a qemu-nbd serves `path` on, if one does."""
+    for pid_file in glob.glob("/sys/block/nbd*/pid"):
+        try:
+            with open(pid_file) as f, open(f"/proc/{f.read().strip()}/cmdline", "rb") as c:
+                if f"filename={path}".encode() in c.read():
+                    return "/dev/" + pid_file.split("/")[3]
+        except OSError:
+            continue
+    return None
 
 
 def _free_nbd() -> str:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from vmthunder.node import blockdev, dm, lio, names
+from vmthunder.node import transport as transports
 from vmthunder.node.cache import CacheBackend, CacheSpaceError, CacheState
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import Transport
@@ -158,8 +159,12 @@ def plan_image(w: Want, s: Seen) -> list[Step]:
             if w.parent is None and s.src_table is None:
                 return steps  # nothing to read from yet
             steps.append(PassThrough() if s.cache_space_missing else BuildCache())
-        elif s.cache.kind == "passthrough" and not s.cache_space_missing:
-            steps.append(BuildCache())  # room again: the pass-through becomes a cache
+        elif (s.cache.kind == "passthrough" and not s.cache_space_missing
+              and w.parent is not None and w.parent in s.sessions and w.parent not in s.broken
+              and s.sessions[w.parent] not in s.failed_paths):
+            # Room again: the pass-through becomes a cache. Only while the parent answers:
+            # the reload's suspend waits for the reads queued in -src.
+            steps.append(BuildCache())
     if not s.export_dev:
         steps.append(BuildExportDev())
     spec = export_spec(w)
@@ -212,14 +217,15 @@ def observe(image: str, origin_iqn: str | None, backend: CacheBackend, transport
     if src_kind == "multipath":
         st = dm.status_if_exists(src) or []
         failed = frozenset().union(*(dm.multipath_failed_paths(x.fields) for x in st))
-    attached = {a: _devno(d) for a, d in transport.attached().items()}
+    connections = transport.connections()
+    attached = {a: _devno(c.device) for a, c in connections.items()}
     sessions = sessions_of_image(image, origin_iqn, attached)
     exports = {e.iqn: e for e in lio.exports()}
     return Seen(
         src_table=src_table, src_kind=src_kind, sessions=sessions,
         cache=backend.observe(image), export_dev=dm.exists(names.export_dev(image)),
         export=exports.get(export_iqn), failed_paths=failed,
-        broken=transport.broken() & sessions.keys(),
+        broken=transports.broken(connections) & sessions.keys(),
     )
 
 
@@ -271,7 +277,7 @@ def apply_image(w: Want, backend: CacheBackend, transport: Transport,
             w.image, w.size, w.region_bytes))
     steps = plan_image(w, seen)
     if any(isinstance(s, Logout) for s in steps):  # read the other stacks only then
-        shared = sessions_used_by_others(w.image, transport.attached())
+        shared = sessions_used_by_others(w.image, transports.devices(transport.connections()))
         if shared:
             w = replace(w, shared=shared)
             steps = plan_image(w, seen)
@@ -342,7 +348,7 @@ def remove_image(image: str, node: str, backend: CacheBackend, transport: Transp
     dm.remove(names.export_dev(image))
     backend.remove(image)
     dm.remove(names.src_dev(image))
-    attached = transport.attached()
+    attached = transports.devices(transport.connections())
     shared = sessions_used_by_others(image, attached)
     mine = set(sessions_of_image(image, origin_iqn, attached))
     mine |= {a for a, d in attached.items() if _devno(d) in src_devs}

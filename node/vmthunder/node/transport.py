@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from vmthunder.node import iscsi
 from vmthunder.node.iscsi import Chap, TargetAddress
+
+
+@dataclass(frozen=True)
+class Connection:
+    device: str  # the local block device
+    carries_io: bool  # False: its peer is gone, maybe for now
+
+
+def devices(connections: Mapping[TargetAddress, Connection]) -> dict[TargetAddress, str]:
+    return {a: c.device for a, c in connections.items()}
+
+
+def broken(connections: Mapping[TargetAddress, Connection]) -> frozenset[TargetAddress]:
+    return frozenset(a for a, c in connections.items() if not c.carries_io)
 
 
 class Transport(Protocol):
@@ -17,11 +33,8 @@ class Transport(Protocol):
     def detach(self, address: TargetAddress) -> None:
         """Disconnects; absent is success."""
 
-    def attached(self) -> dict[TargetAddress, str]:
-        """Every connection this transport holds now, with its local device."""
-
-    def broken(self) -> frozenset[TargetAddress]:
-        """The connections held that carry no I/O now (their peer is gone, maybe for now)."""
+    def connections(self) -> dict[TargetAddress, Connection]:
+        """Every connection this transport holds now (one look at the kernel)."""
 
 
 class IscsiTransport:
@@ -44,13 +57,6 @@ class IscsiTransport:
     def detach(self, address: TargetAddress) -> None:
         iscsi.logout(address)
 
-    def attached(self) -> dict[TargetAddress, str]:
-        result = {}
-        for s in iscsi.sessions():
-            for lun, disk in s.disks.items():
-                result[TargetAddress(s.portal, s.iqn, lun)] = disk
-        return result
-
-    def broken(self) -> frozenset[TargetAddress]:
-        return frozenset(TargetAddress(s.portal, s.iqn, lun) for s in iscsi.sessions()
-                         if s.state != "LOGGED_IN" for lun in s.disks)
+    def connections(self) -> dict[TargetAddress, Connection]:
+        return {TargetAddress(s.portal, s.iqn, lun): Connection(disk, s.state == "LOGGED_IN")
+                for s in iscsi.sessions() for lun, disk in s.disks.items()}

@@ -135,6 +135,7 @@ async def distribute(
                 await asyncio.wait_for(trigger.wait(), wait)
             await asyncio.sleep(DEBOUNCE)  # fold a burst of changes into one pass
             trigger.clear()
+            wait = RESYNC
             indexed = [r for r in state.replicas.values() if r.image_cache == name]
             try:
                 plan = plan_replicas(
@@ -159,7 +160,6 @@ async def distribute(
                 continue
             _remember(state, name, plan)
             last_phase = await _report(state, name, body, plan, last_phase)
-            wait = RESYNC
             if plan.recheck_at is not None:  # a lost parent's heartbeat falls due sooner
                 due = (plan.recheck_at - datetime.now(UTC)).total_seconds()
                 wait = min(RESYNC, max(0.0, due - DEBOUNCE) + 0.5)

@@ -33,8 +33,7 @@ ready node. What it guarantees (each pinned by a property test in tests/test_pla
 - a node that does not serve (`serves=False`: its cache disk is full, it only passes reads
   through to its parent) gets no children; its children are orphans. Where no serving node
   has room for a node, it goes under the origin beyond `origin_fanout` (at most one extra
-  child per non-serving node), and a domain member whose domain has no room goes wherever
-  there is room, outside its domain.
+  child per non-serving node). It is placed as if it had no topology domain.
 
 Repairs keep subtrees intact, so a repaired tree can be deeper than a fresh plan would be;
 a fresh plan of the same nodes is the way to rebalance.
@@ -136,7 +135,11 @@ class _Planner:
         self.origin_fanout = origin_fanout
         self.ready = {name: n for name, n in by_name.items() if n.ready}
         self.names = sorted(self.ready)
-        self.dom: dict[str, str | None] = {name: n.topology for name, n in self.ready.items()}
+        # A node that does not serve has no subtree to keep in its domain: it is placed as if it
+        # had none (as a domain member it would be cut as a second entry wherever its full
+        # domain left it, and plans would swap such nodes for ever).
+        self.dom: dict[str, str | None] = {name: n.topology if n.serves else None
+                                           for name, n in self.ready.items()}
         self.dom[ORIGIN] = None
         self.parent: dict[str, str] = {}  # the edges kept so far, child -> parent
         self.children: dict[str, list[str]] = defaultdict(list)
@@ -146,7 +149,7 @@ class _Planner:
         self.waiting: dict[str, list[str]] = defaultdict(list)  # orphans waiting for them
         self.heap: list[tuple[int, int, str]] = []  # attached nodes with spare fan-out
         self.dom_heap: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
-        self.queue: list[tuple[tuple[int, int, int, int, int, str], str]] = []  # to place
+        self.queue: list[tuple[tuple[int, int, int, int, int, int, str], str]] = []  # to place
         self.old_depth = self._old_depths()
         sizes: dict[str, int] = defaultdict(int)
         for d in self.dom.values():
@@ -237,7 +240,8 @@ class _Planner:
                 self._link(name, p)
         for p, kids in self.children.items():  # over fan-out: the first by name stay
             if len(kids) > self.cap(p):
-                kids.sort()
+                # serving children first: a slot kept for a leaf adds no room below it
+                kids.sort(key=lambda k: (not self.ready[k].serves, k))
                 for child in kids[self.cap(p) :]:
                     del self.parent[child]
                 del kids[self.cap(p) :]
@@ -319,6 +323,7 @@ class _Planner:
         key = (
             0 if self._would_be_entry(root) else 1,
             self.unlabelled_rank if d is None else self.rank[d],
+            0 if self.ready[root].serves else 1,  # leaves last: they add no room
             self.old_depth.get(root, _NEVER),
             -spare,
             0 if self.hydrated(root) else 1,
