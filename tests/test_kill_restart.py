@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fault_table import record
 
 from vmthunder.lab.killrestart import (
     COMPONENTS,
@@ -197,6 +198,10 @@ def chaos() -> Iterator[tuple[Chaos, dict[str, Any], float]]:
 def test_every_component_killed_at_random_converges_with_nothing_leaked(
         chaos: tuple[Chaos, dict[str, Any], float]) -> None:
     c, s, wall = chaos
+    record(f"SIGKILL of agent/CSI node/CSI controller/operator ({CYCLES} cycles)",
+           injected=sum(s["kills"].values()),
+           survived=all(r.error == "" and r.converged for r in c.records),
+           bytes_verified=0, leaks=s["leaks"])
     assert all(s["kills"][comp] >= 2 for comp in COMPONENTS), s["kills"]
     for r in c.records:
         assert r.error == "", r.line()
