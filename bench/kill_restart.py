@@ -8,6 +8,7 @@ leaks found, time per cycle. Target: every cycle converges, 0 leaks, and nothing
 after everything is deleted.
 
     python bench/kill_restart.py [--cycles 50] [--seed N] [--slot 9] [--json PATH]
+                                 [--logs DIR] [--kills-per-cycle 2] [--aimed K]
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ def main() -> int:
     ap.add_argument("--slot", type=int, default=None, help="lab slot (default: first free)")
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--image-mib", type=int, default=64)
-    ap.add_argument("--kills-per-cycle", type=int, default=1, choices=(1, 2),
-                    help="2: one component in a node and one on the host each cycle")
+    ap.add_argument("--kills-per-cycle", type=int, default=1, choices=(1, 2, 4),
+                    help="2: one component in a node and one on the host each cycle; "
+                         "4: every component every cycle")
+    ap.add_argument("--aimed", type=int, default=0,
+                    help="then this many aimed cycles: every agent killed the moment an "
+                         "image's -src is removed, before it logs out of the parent")
     ap.add_argument("--converge-timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path, default=None, help="write the records here")
     ap.add_argument("--logs", type=Path, default=None,
@@ -66,6 +71,8 @@ def main() -> int:
         t1 = time.monotonic()
         for i, victims in enumerate(schedule):
             chaos.cycle(i, victims)
+        for i in range(args.aimed):
+            chaos.aimed_cycle(len(schedule) + i)
         cycles_s = time.monotonic() - t1
         final = chaos.finish()
         s = chaos.summary()

@@ -54,6 +54,7 @@ from vmthunder.lab.provision import (
     tree_problems,
 )
 from vmthunder.node import names
+from vmthunder.node.labdrive import start_shell, wait_shell
 
 COMPONENTS = ("agent", "csi-node", "csi-controller", "operator")
 GUEST_COMPONENTS = {"agent": "vmthunder.cli agent", "csi-node": "vmthunder.cli csi"}
@@ -134,9 +135,10 @@ class Action:
 
 
 def plan_action(world: World, nodes: Sequence[str], components: Sequence[str],
-                rng: random.Random) -> Action:
-    """The next piece of work: one the components to be killed take part in where the world
-    allows it, else any that the world allows. Pure (the caller's seeded rng decides)."""
+                rng: random.Random, kind: str | None = None) -> Action:
+    """The next piece of work: `kind` if given and the world allows it, else one the
+    components to be killed take part in where the world allows it, else any that the world
+    allows. Pure (the caller's seeded rng decides)."""
     def feasible(kind: str) -> bool:
         if kind == "apply-image":
             return len(world.images) < MAX_IMAGES
@@ -150,7 +152,7 @@ def plan_action(world: World, nodes: Sequence[str], components: Sequence[str],
     kinds = [k for k in ACTIONS if feasible(k)
              and any(k in WORK_OF.get(c, ACTIONS) for c in components)]
     kinds = kinds or [k for k in ACTIONS if feasible(k)]
-    kind = rng.choice(kinds)
+    kind = kind if kind is not None and feasible(kind) else rng.choice(kinds)
     if kind == "apply-image":
         return Action(kind, image=f"kr{world.made}",
                       detach=rng.choice(("WhenHydrated", "Never")))
@@ -167,14 +169,21 @@ def kill_schedule(cycles: int, rng: random.Random, each: int = 2,
                   per_cycle: int = 1) -> list[tuple[str, ...]]:
     """Which components each cycle kills: every component `each` times first (shuffled), then
     at random. With two per cycle, one runs in a node (agent, CSI node plugin) and one on the
-    host (operator, CSI controller)."""
+    host (operator, CSI controller); with four, every component every cycle."""
+    if per_cycle == len(COMPONENTS):
+        out = []
+        for _ in range(cycles):
+            order = list(COMPONENTS)
+            rng.shuffle(order)
+            out.append(tuple(order))
+        return out
     if per_cycle == 1:
         first = [c for c in COMPONENTS for _ in range(each)]
         rng.shuffle(first)
         rest = [rng.choice(COMPONENTS) for _ in range(max(0, cycles - len(first)))]
         return [(c,) for c in (first + rest)[:cycles]]
     if per_cycle != 2:
-        raise ValueError("one or two kills per cycle")
+        raise ValueError("one, two or four kills per cycle")
     guest = [c for c in COMPONENTS if c in GUEST_COMPONENTS]
     host = [c for c in COMPONENTS if c not in GUEST_COMPONENTS]
     sides = []
@@ -607,11 +616,13 @@ class Chaos:
 
     # --- one cycle ---
 
-    def cycle(self, index: int, components: Sequence[str]) -> CycleRecord:
-        """One piece of work with the components killed at random moments into it, each
-        restarted at once; returns once the cluster converged (or the wait timed out)."""
+    def cycle(self, index: int, components: Sequence[str],
+              kind: str | None = None) -> CycleRecord:
+        """One piece of work (`kind`, or chosen at random) with the components killed at
+        random moments into it, each restarted at once; returns once the cluster converged
+        (or the wait timed out)."""
         t0 = time.monotonic()
-        action = plan_action(self.world, self.nodes, components, self.rng)
+        action = plan_action(self.world, self.nodes, components, self.rng, kind)
         kills = []
         for comp in components:
             target = "host"
@@ -645,6 +656,51 @@ class Chaos:
         rec.converge_seconds = time.monotonic() - t1
         self.work_seconds[action.kind] = (0.5 * self.work_seconds[action.kind]
                                           + 0.5 * (time.monotonic() - t0))
+        rec.converged = not problems and not rec.error
+        rec.missing, rec.leaks = problems.missing, problems.leaks
+        rec.seconds = time.monotonic() - t0
+        self.records.append(rec)
+        self.say(rec.line())
+        for x in (problems.missing + problems.leaks)[:20]:
+            self.say(f"    {x}")
+        return rec
+
+    def aimed_cycle(self, index: int) -> CycleRecord:
+        """An aimed kill rather than a random one: an ImageCache (detach Never, so every node
+        keeps its session to its parent) is deleted, and each node's agent is SIGKILLed the
+        moment its removal of the image's stack has removed vmt-<image>-src, before it logs
+        out of the parent; the agents are restarted and must still converge."""
+        t0 = time.monotonic()
+        image = f"kr{self.world.made}"
+        self.world.made += 1
+        self.world.images[image] = "Never"
+        self.apply_image(image, "Never")
+        ready = self.wait_converged(self.converge_timeout)
+        src = names.src_dev(image)
+        # Armed with shell builtins only, so the kill follows the removal within microseconds.
+        watcher = (f"p=$(pgrep -f '[v]mthunder.cli agent'); "
+                   f"while [ -e /dev/mapper/{src} ]; do :; done; kill -9 $p && echo killed")
+        tag = f"vmt-aim-{image}"
+        for g in self.rig.lab.nodes:
+            start_shell(g, watcher, tag)
+        action = Action("delete-image", image=image)
+        kills = [Kill("agent", n, 0.0, when=f"at {src} removal") for n in self.nodes]
+        rec = CycleRecord(index, action, kills)
+        t1 = time.monotonic()
+        try:
+            self._work(action)
+            for g, k in zip(self.rig.lab.nodes, kills, strict=True):
+                k.killed = "killed" in wait_shell(g, tag, self.converge_timeout)
+                k.at = time.monotonic() - t1
+                self.restart("agent", g.name)
+        except Exception as e:
+            rec.error = f"{type(e).__name__}: {e}"
+        if ready:
+            rec.error += f" (not converged before the deletion: {ready.missing + ready.leaks})"
+        rec.action_seconds = time.monotonic() - t1
+        t2 = time.monotonic()
+        problems = self.wait_converged(self.converge_timeout, timeline=rec.waited_on)
+        rec.converge_seconds = time.monotonic() - t2
         rec.converged = not problems and not rec.error
         rec.missing, rec.leaks = problems.missing, problems.leaks
         rec.seconds = time.monotonic() - t0
