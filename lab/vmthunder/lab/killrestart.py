@@ -644,18 +644,22 @@ class Chaos:
             rec.error = f"{type(e).__name__}: {e}"
         rec.action_seconds = time.monotonic() - t0
         phase[0] = "while converging"
-        problems = self.wait_converged(self.converge_timeout,
-                                       until=lambda: not any(t.is_alive() for t in killers))
+        self.wait_converged(self.converge_timeout,
+                            until=lambda: not any(t.is_alive() for t in killers))
         if any(t.is_alive() for t in killers):
             phase[0] = "at rest"
             now.set()
         for t in killers:
             t.join()
+        self._settle(rec, t0)
+        self.work_seconds[action.kind] = 0.5 * self.work_seconds[action.kind] + 0.5 * rec.seconds
+        return rec
+
+    def _settle(self, rec: CycleRecord, t0: float) -> None:
+        """Waits for the cluster to converge and records and prints how the cycle ended."""
         t1 = time.monotonic()
         problems = self.wait_converged(self.converge_timeout, timeline=rec.waited_on)
         rec.converge_seconds = time.monotonic() - t1
-        self.work_seconds[action.kind] = (0.5 * self.work_seconds[action.kind]
-                                          + 0.5 * (time.monotonic() - t0))
         rec.converged = not problems and not rec.error
         rec.missing, rec.leaks = problems.missing, problems.leaks
         rec.seconds = time.monotonic() - t0
@@ -663,7 +667,6 @@ class Chaos:
         self.say(rec.line())
         for x in (problems.missing + problems.leaks)[:20]:
             self.say(f"    {x}")
-        return rec
 
     def aimed_cycle(self, index: int) -> CycleRecord:
         """An aimed kill rather than a random one: an ImageCache (detach Never, so every node
@@ -698,16 +701,7 @@ class Chaos:
         if ready:
             rec.error += f" (not converged before the deletion: {ready.missing + ready.leaks})"
         rec.action_seconds = time.monotonic() - t1
-        t2 = time.monotonic()
-        problems = self.wait_converged(self.converge_timeout, timeline=rec.waited_on)
-        rec.converge_seconds = time.monotonic() - t2
-        rec.converged = not problems and not rec.error
-        rec.missing, rec.leaks = problems.missing, problems.leaks
-        rec.seconds = time.monotonic() - t0
-        self.records.append(rec)
-        self.say(rec.line())
-        for x in (problems.missing + problems.leaks)[:20]:
-            self.say(f"    {x}")
+        self._settle(rec, t0)
         return rec
 
     def _kill_when_due(self, k: Kill, t0: float, now: threading.Event,
