@@ -50,7 +50,7 @@ def main() -> int:
                          "4: every component every cycle")
     ap.add_argument("--aimed", type=int, default=0,
                     help="then this many aimed cycles: every agent killed the moment an "
-                         "image's -src is removed, before it logs out of the parent")
+                         "image's -src is removed, the last step of its teardown")
     ap.add_argument("--converge-timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path, default=None, help="write the records here")
     ap.add_argument("--logs", type=Path, default=None,

@@ -2,7 +2,9 @@
 operator SIGKILLed at random points while an ImageCache is applied, a volume is created,
 staged and published, and the ImageCache is deleted with its volume, in the lab (origin + 2
 nodes, a 64 MiB image): every component in each of the three cycles, each at its own random
-moment, and restarted at once. Each time the cluster converges from kernel and API state,
+moment, and restarted at once; then an aimed cycle kills each agent the moment its
+teardown of a deleted image removes the image's -src (once a leak: the parent's session
+outlived it). Each time the cluster converges from kernel and API state,
 and nothing is leaked (vmthunder.lab.killrestart). bench/kill_restart.py runs the long
 version (50 cycles, one kill each).
 
@@ -190,6 +192,7 @@ def chaos() -> Iterator[tuple[Chaos, dict[str, Any], float]]:
         schedule = kill_schedule(len(WORK), random.Random(seed), per_cycle=len(COMPONENTS))
         for i, (kind, victims) in enumerate(zip(WORK, schedule, strict=True)):
             c.cycle(i, victims, kind)
+        c.aimed_cycle(len(WORK))
         c.finish()
         s = c.summary()
         print(format_summary(s))
@@ -210,6 +213,8 @@ def test_every_component_killed_at_random_converges_with_nothing_leaked(
            survived=all(r.error == "" and r.converged for r in c.records),
            bytes_verified=0, leaks=s["leaks"])
     assert all(s["kills"][comp] >= 2 for comp in COMPONENTS), s["kills"]
+    aimed = c.records[-1]
+    assert all(k.killed for k in aimed.kills), aimed.line()  # each agent died at the moment
     for r in c.records:
         assert r.error == "", r.line()
         assert r.converged, (r.line(), r.missing, r.leaks)

@@ -671,8 +671,9 @@ class Chaos:
     def aimed_cycle(self, index: int) -> CycleRecord:
         """An aimed kill rather than a random one: an ImageCache (detach Never, so every node
         keeps its session to its parent) is deleted, and each node's agent is SIGKILLed the
-        moment its removal of the image's stack has removed vmt-<image>-src, before it logs
-        out of the parent; the agents are restarted and must still converge."""
+        moment its removal of the image's stack has removed vmt-<image>-src (its last step:
+        when the logout came after it, this kill left the parent's session behind); the
+        agents are restarted and must still converge."""
         t0 = time.monotonic()
         image = f"kr{self.world.made}"
         self.world.made += 1

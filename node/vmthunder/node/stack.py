@@ -341,19 +341,22 @@ def remove_image(image: str, node: str, backend: CacheBackend, transport: Transp
                  origin_iqn: str | None) -> None:
     """Tears the image's stack down (volumes over it must be gone first), keeping the
     sessions other images read through. The image's sessions are those its name says and
-    those its -src reads (an origin's, whose IQN a caller may not know)."""
+    those its -src reads (an origin's, whose IQN a caller may not know).
+
+    -src goes last: it is how a restarted agent finds the image and its origin session, so
+    an agent killed anywhere in here finds what is left and finishes the job."""
     src_devs = set(_table_devices(dm.table_if_exists(names.src_dev(image)) or []))
     fail_queued_reads(image)
     lio.remove_export(names.export_iqn(image, node), names.backstore(image))
     dm.remove(names.export_dev(image))
     backend.remove(image)
-    dm.remove(names.src_dev(image))
     attached = transports.devices(transport.connections())
     shared = sessions_used_by_others(image, attached)
     mine = set(sessions_of_image(image, origin_iqn, attached))
     mine |= {a for a, d in attached.items() if _devno(d) in src_devs}
     for a in sorted(mine - shared, key=_key):
-        transport.detach(a)
+        transport.detach(a)  # -src still maps the LUN, idle: a logout does not wait on it
+    dm.remove(names.src_dev(image))
 
 
 @dataclass(frozen=True)
