@@ -74,6 +74,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -107,6 +108,9 @@ PING_S = 15
 GRACE_S = 60
 # qboot, a minimal firmware shipped with qemu, boots -kernel faster than SeaBIOS under TCG.
 QBOOT = "/usr/share/qemu/qboot.rom"
+# The Python this process runs (its virtualenv and base installation), shared into guests at the
+# same paths, page-cached there (guest/init), unless it lives in /usr (shared anyway).
+PYTHONS = [d for d in dict.fromkeys((sys.base_prefix, sys.prefix)) if not d.startswith("/usr/")]
 
 
 class LabError(RuntimeError):
@@ -691,6 +695,7 @@ class Lab:
                 "console=ttyS0 quiet panic=-1 mitigations=off",
                 f"vmt.repo={REPO} vmt.name={g.name} vmt.ip={g.ip}/24 vmt.iqn={g.iqn}",
                 f"vmt.host={self.host_ip} vmt.rate={rate} vmt.burst={burst}",
+                f"vmt.pythons={','.join(PYTHONS)}" if PYTHONS else "",
                 os.environ.get("VMT_LAB_KERNEL_ARGS", ""),  # e.g. loglevel=7 to debug a boot
             ]
         )
@@ -711,6 +716,11 @@ class Lab:
             "multidevs=remap",
             "-virtfs", f"local,path={env_dir}/layer,mount_tag=layer,security_model=none,"
             "readonly=on,multidevs=remap",
+            "-virtfs", "local,path=/usr,mount_tag=hostusr,security_model=none,readonly=on,"
+            "multidevs=remap",
+            *[a for i, d in enumerate(PYTHONS) for a in (
+                "-virtfs", f"local,path={d},mount_tag=python{i},security_model=none,"
+                "readonly=on,multidevs=remap")],
             "-netdev", f"tap,id=net0,ifname={g.tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=net0,mac={g.mac}",
             "-drive", f"file={g.disk},if=none,id=disk0,format=raw,readonly={ro},aio=threads",
