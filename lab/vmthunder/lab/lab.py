@@ -707,7 +707,7 @@ class Lab:
             "-accel", f"tcg,tb-size={TB_MIB}", "-smp", "1", "-m", str(g.mem_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             *(["-bios", QBOOT] if os.path.exists(QBOOT) else []),
-            "-kernel", str(env_dir / "vmlinuz"),
+            "-kernel", str(env_dir / "vmlinux"),  # PVH entry: no decompression (build-guest.sh)
             "-initrd", str(env_dir / "initrd.cpio.gz"),
             "-append", cmdline,
             "-chardev", f"file,id=ser0,path={sd}/{g.name}.serial.log",
