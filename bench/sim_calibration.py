@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d)
@@ -22,8 +21,6 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d)
 from vmthunder.lab.profile import load_profile  # noqa: E402
 from vmthunder.lab.provision import golden  # noqa: E402
 from vmthunder.sim import labfit  # noqa: E402
-
-MODE = "vmthunder+prefetch"
 
 
 def main() -> int:
@@ -34,23 +31,18 @@ def main() -> int:
     p.add_argument("--profile", type=Path, default=None, help="default: the small golden's")
     a = p.parse_args()
     records = [r for f in a.records for r in json.loads(f.read_text())["runs"]]
-    fit_run = labfit.find_run(records, MODE, a.fit_n)
-    local = labfit.find_run(records, "local", a.fit_n)
-    recording = load_profile(a.profile or golden("small")[1])
-    profile = labfit.profile_from_recording(recording, fit_run.gap_scale)
-    cal = labfit.fit_host_bps(fit_run, profile, labfit.measured(fit_run, profile, local))
+    f = labfit.forecast(records, load_profile(a.profile or golden("small")[1]), a.fit_n,
+                        a.check_n)
+    cal = f.calibration
     print(f"fitted at N={a.fit_n}: attach {cal.attach_s:.1f} s, per read on the node "
           f"{cal.local_request_s * 1e3:.1f} ms, host {cal.host_bps / 1e6:.2f} MB/s; "
-          f"reproduces {labfit.predict(fit_run, profile, cal):.1f} s "
-          f"(lab {fit_run.all_booted_s:.1f} s)")
-    forecast = labfit.predict(replace(fit_run, n=a.check_n), profile,
-                              labfit.scaled_to(cal, a.fit_n, a.check_n))
+          f"reproduces {f.reproduced_s:.1f} s (lab {f.fit.all_booted_s:.1f} s)")
     try:
-        lab = labfit.find_run(records, MODE, a.check_n).all_booted_s
-        verdict = f"lab {lab:.1f} s: {forecast / lab - 1:+.0%} (issue 8 asks within 25%)"
+        lab = labfit.find_run(records, labfit.MODE, a.check_n).all_booted_s
+        verdict = f"lab {lab:.1f} s: {f.forecast_s / lab - 1:+.0%} (issue 8 asks within 25%)"
     except (LookupError, ValueError) as e:  # not every VM booted: the lab's time is unknown
         verdict = f"no complete lab run to compare: {e}"
-    print(f"forecast for N={a.check_n}: all booted {forecast:.1f} s; {verdict}")
+    print(f"forecast for N={a.check_n}: all booted {f.forecast_s:.1f} s; {verdict}")
     return 0
 
 

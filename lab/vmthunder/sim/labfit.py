@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vmthunder.lab.profile import BootProfile as Recording
@@ -121,3 +121,26 @@ def scaled_to(cal: Calibration, fitted_n: int, n: int) -> Calibration:
     fitted_n times as long; the transfers already share the host link."""
     k = n / fitted_n
     return calibrated(cal, attach_s=cal.attach_s * k, local_request_s=cal.local_request_s * k)
+
+
+MODE = "vmthunder+prefetch"
+
+
+@dataclass(frozen=True)
+class Forecast:
+    fit: LabRun  # the run the calibration was fitted to
+    calibration: Calibration
+    reproduced_s: float  # the fitted run's all-booted time as the simulator gives it back
+    n: int
+    forecast_s: float  # all booted at n, from nothing measured at n
+
+
+def forecast(records: Sequence[Mapping[str, Any]], recording: Recording, fit_n: int,
+             n: int) -> Forecast:
+    """Calibrates from the fit_n runs (VMThunder with prefetch and the local floor) and
+    forecasts VMThunder with prefetch's all-booted time at n."""
+    fit = find_run(records, MODE, fit_n)
+    profile = profile_from_recording(recording, fit.gap_scale)
+    cal = fit_host_bps(fit, profile, measured(fit, profile, find_run(records, "local", fit_n)))
+    return Forecast(fit, cal, predict(fit, profile, cal), n,
+                    predict(replace(fit, n=n), profile, scaled_to(cal, fit_n, n)))
