@@ -110,7 +110,8 @@ GRACE_S = 60
 QBOOT = "/usr/share/qemu/qboot.rom"
 # The Python this process runs (its virtualenv and base installation), shared into guests at the
 # same paths, page-cached there (guest/init), unless it lives in /usr (shared anyway).
-PYTHONS = [d for d in dict.fromkeys((sys.base_prefix, sys.prefix)) if not d.startswith("/usr/")]
+PYTHONS = [d for d in dict.fromkeys((sys.base_prefix, sys.prefix))
+           if d != "/usr" and not d.startswith("/usr/")]
 
 
 class LabError(RuntimeError):
