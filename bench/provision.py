@@ -46,12 +46,12 @@ from vmthunder.lab.provision import (  # noqa: E402
     Options,
     Rig,
     Run,
-    _env,
-    _par,
-    _py,
-    _quick,
     boot_output,
+    guest_env,
+    guest_python,
+    in_parallel,
     percentile,
+    run_quick,
     tx_bytes,
 )
 from vmthunder.lab.replay import DEFAULT_GAP_SCALE, expected_digest  # noqa: E402
@@ -88,7 +88,7 @@ def logout_script(rig: Rig) -> str:
 
 
 def replay_cmd(rig: Rig, device: str) -> str:
-    return (f"{_env()} {_py()} -m vmthunder.lab.replay device --device {device} "
+    return (f"{guest_env()} {guest_python()} -m vmthunder.lab.replay device --device {device} "
             f"--profile {rig.profile_path} --scale {rig.options.gap_scale}")
 
 
@@ -96,7 +96,7 @@ def baseline(rig: Rig, mode: str) -> Run:
     """One baseline mode on every node at once."""
     nodes = rig.lab.nodes
     if mode == "local":  # untimed: the image's boot ranges on each node's own disk
-        _par(lambda g: make_local_image(rig, g), nodes)
+        in_parallel(lambda g: make_local_image(rig, g), nodes)
     expected = expected_digest(rig.disk, rig.profile)
     origin0 = rig.origin_bytes()
     tx0 = {g.name: tx_bytes(g) for g in nodes}
@@ -130,13 +130,13 @@ def baseline(rig: Rig, mode: str) -> Run:
         except Exception as e:
             nr.read_error = f"{type(e).__name__}: {e}"[:300]
 
-    _par(one, nodes)
+    in_parallel(one, nodes)
     run = Run(mode, mode, len(nodes), {}, {}, nodes=list(runs.values()))
     run.origin_bytes = rig.origin_bytes() - origin0
     for g in nodes:
         runs[g.name].egress = tx_bytes(g) - tx0[g.name]
     if mode == "copy-first":
-        _par(lambda g: _quick(g, f"rm -f {COPY}"), nodes)
+        in_parallel(lambda g: run_quick(g, f"rm -f {COPY}"), nodes)
     return run
 
 
@@ -153,8 +153,8 @@ def make_local_image(rig: Rig, g: Guest) -> None:
         "    a, b = a // 4096 * 4096, -(-b // 4096) * 4096\n"
         "    src.seek(a); dst.seek(a); dst.write(src.read(b - a))\n"
         "dst.close()\n")
-    _quick(g, f"cat > /tmp/mklocal.py <<'EOF'\n{script}EOF\n"
-              f"{_env()} {_py()} /tmp/mklocal.py && sync", timeout=300)
+    run_quick(g, f"cat > /tmp/mklocal.py <<'EOF'\n{script}EOF\n"
+              f"{guest_env()} {guest_python()} /tmp/mklocal.py && sync", timeout=300)
 
 
 def row(run: Run, floor: float | None) -> dict[str, Any]:

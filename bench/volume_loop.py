@@ -31,10 +31,10 @@ from vmthunder.lab.provision import (
     VERSION,
     Options,
     Rig,
-    _detached,
-    _env,
-    _py,
-    _quick,
+    guest_env,
+    guest_python,
+    run_detached,
+    run_quick,
 )
 
 # The kubelet side of a round, run in the node: one Python start for the whole batch.
@@ -92,7 +92,7 @@ CENSUS = (
 
 def census(rig: Rig) -> dict[str, int]:
     g = rig.lab.nodes[0]
-    out = dict(line.split("=", 1) for line in _quick(g, CENSUS).split())
+    out = dict(line.split("=", 1) for line in run_quick(g, CENSUS).split())
     found = {k: int(v or 0) for k, v in out.items()}
     found["imagevolumes"] = len(rig.custom().list_cluster_custom_object(
         GROUP, VERSION, "imagevolumes").get("items", []))
@@ -121,8 +121,8 @@ def main() -> int:
                     for i in range(n)]
             t_created = time.monotonic()
             payload = base64.b64encode(json.dumps(vols).encode()).decode()
-            _quick(g, f"cat > /tmp/vmt-churn.py <<'EOF'\n{KUBELET % {'socket': CSI_SOCKET}}EOF")
-            out = _detached(g, f"{_env()} {_py()} /tmp/vmt-churn.py "
+            run_quick(g, f"cat > /tmp/vmt-churn.py <<'EOF'\n{KUBELET % {'socket': CSI_SOCKET}}EOF")
+            out = run_detached(g, f"{guest_env()} {guest_python()} /tmp/vmt-churn.py "
                                f"\"$(echo {payload} | base64 -d)\"", "vmt-churn", 1800)
             assert json.loads(out.strip().splitlines()[-1])["done"] == n, out
             t_node = time.monotonic()

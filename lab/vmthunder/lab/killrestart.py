@@ -46,11 +46,11 @@ from vmthunder.lab.provision import (
     USABLE,
     VERSION,
     Rig,
-    _detached,
-    _env,
-    _par,
-    _py,
-    _quick,
+    guest_env,
+    guest_python,
+    in_parallel,
+    run_detached,
+    run_quick,
     tree_problems,
 )
 from vmthunder.node import names
@@ -612,7 +612,7 @@ class Chaos:
         # the most of each kind of kernel state a census showed: the checks saw real state
         self.seen: Counter[str] = Counter()
         for g in rig.lab.nodes:
-            _quick(g, f"cat > /tmp/vmt-kubelet.py <<'EOF'\n{KUBELET}EOF")
+            run_quick(g, f"cat > /tmp/vmt-kubelet.py <<'EOF'\n{KUBELET}EOF")
 
     # --- one cycle ---
 
@@ -719,7 +719,7 @@ class Chaos:
         if component in GUEST_COMPONENTS:
             m = GUEST_COMPONENTS[component]
             pat = f"[{m[0]}]{m[1:]}"
-            out = _quick(self.rig.lab.guest(node),
+            out = run_quick(self.rig.lab.guest(node),
                          f"if pkill -9 -f '{pat}'; then echo killed; fi; "
                          f"while pgrep -f '{pat}' >/dev/null; do sleep 0.1; done")
             return "killed" in out
@@ -802,7 +802,7 @@ class Chaos:
         payload = base64.b64encode(json.dumps(
             [[op, v.volume_id, dict(v.context)] for op, v in ops]).encode()).decode()
         tag = f"vmt-kubelet-{ops[0][1].volume_id[:12]}"
-        out = _detached(g, f"{_env()} {_py()} /tmp/vmt-kubelet.py "
+        out = run_detached(g, f"{guest_env()} {guest_python()} /tmp/vmt-kubelet.py "
                            f"\"$(echo {payload} | base64 -d)\" {KUBELET_RETRY_S} {CSI_SOCKET} "
                            f"{STAGING} {PODS}",
                         tag, KUBELET_RETRY_S * 2 + 120)
@@ -849,7 +849,7 @@ class Chaos:
         o = self.rig.options
         p.extend(api_problems(self.world, self.nodes, caches, replicas, volumes, o.fanout,
                               o.origin_fanout))
-        for c in _par(self.census, self.rig.lab.nodes):
+        for c in in_parallel(self.census, self.rig.lab.nodes):
             p.extend(node_problems(c, self.world, replicas, self.initiators))
             for kind, n in census_counts(c).items():
                 self.seen[kind] = max(self.seen[kind], n)
@@ -871,7 +871,7 @@ class Chaos:
             c.close()
 
     def census(self, g: Guest) -> NodeCensus:
-        return parse_census(g.name, _quick(g, CENSUS, timeout=120))
+        return parse_census(g.name, run_quick(g, CENSUS, timeout=120))
 
     def wait_converged(self, timeout: float, settle: float = 3.0,
                        until: Callable[[], bool] | None = None,

@@ -228,16 +228,16 @@ def golden(image: str) -> tuple[Path, Path]:
     return disk, prof
 
 
-def _py() -> str:
+def guest_python() -> str:
     return sys.executable
 
 
-def _env(extra: str = "") -> str:
+def guest_env(extra: str = "") -> str:
     return (f"PYTHONPATH={REPO}/operator:{REPO}/csi:{REPO}/node:{REPO}/lab "
             f"PYTHONUNBUFFERED=1 {extra}")
 
 
-def _quick(g: Guest, cmd: str, timeout: float = 60) -> str:
+def run_quick(g: Guest, cmd: str, timeout: float = 60) -> str:
     """A quick idempotent command, retried if the exec channel loses the answer."""
     from vmthunder.node.labdrive import retry_run
 
@@ -247,7 +247,7 @@ def _quick(g: Guest, cmd: str, timeout: float = 60) -> str:
     return str(r.stdout)
 
 
-def _detached(g: Guest, script: str, tag: str, timeout: float) -> str:
+def run_detached(g: Guest, script: str, tag: str, timeout: float) -> str:
     """A long command, run detached in the guest and polled (robust to lost answers)."""
     from vmthunder.node.labdrive import start_shell, wait_shell
 
@@ -263,7 +263,7 @@ def _daemon(g: Guest, cmd: str, marker: str, log: str) -> None:
             return
         except Exception:
             # "[v]mthunder..." matches the process but not this shell's own command line
-            if _quick(g, f"pgrep -f '[{marker[0]}]{marker[1:]}' || true").strip():
+            if run_quick(g, f"pgrep -f '[{marker[0]}]{marker[1:]}' || true").strip():
                 return
     raise ProvisionError(f"{g.name}: could not start {marker}")
 
@@ -287,13 +287,13 @@ def guest_clock_offset(g: Guest, samples: int = 3) -> float:
 
 
 def read_sectors(g: Guest, dev: str = "vda") -> int:
-    return int(_quick(g, f"cat /sys/block/{dev}/stat").split()[2]) * 512
+    return int(run_quick(g, f"cat /sys/block/{dev}/stat").split()[2]) * 512
 
 
 def tx_bytes(g: Guest) -> int:
     if not g.alive():  # killed by a fault: nothing more to count
         return 0
-    return int(_quick(g, "cat /sys/class/net/eth0/statistics/tx_bytes").strip())
+    return int(run_quick(g, "cat /sys/class/net/eth0/statistics/tx_bytes").strip())
 
 
 class Printer:
@@ -420,7 +420,7 @@ class Rig:
 
         retry_run(g, "true")
         labdrive.prepare_node(g)
-        _quick(g, f"mkdir -p {os.path.dirname(CSI_SOCKET)} {CACHE_DIR}/volumes")
+        run_quick(g, f"mkdir -p {os.path.dirname(CSI_SOCKET)} {CACHE_DIR}/volumes")
         self.offsets[g.name] = guest_clock_offset(g)
         self.start_agent(g)
         self.start_csi_node(g)
@@ -437,7 +437,7 @@ class Rig:
         """The CSI controller on the host, serving on `controller_socket`."""
         with open(self.workdir / "csi-controller.log", "ab") as log:
             self.procs["csi-controller"] = subprocess.Popen(
-                [_py(), "-m", "vmthunder.cli", "csi", "--mode", "controller",
+                [guest_python(), "-m", "vmthunder.cli", "csi", "--mode", "controller",
                  "--endpoint", f"unix://{self.controller_socket}", "--node-id", "host",
                  "--replica-wait", "120"],
                 env={**self.cp.env(), "PYTHONUNBUFFERED": "1"}, stdout=log,
@@ -445,8 +445,9 @@ class Rig:
 
     def start_agent(self, g: Guest) -> None:
         """The node agent in guest g (log: /tmp/agent.log in the guest)."""
-        env = _env(f"KUBECONFIG={self.cp.kubeconfig}")
-        _daemon(g, f"{env} {_py()} -m vmthunder.cli agent --node {g.name} --export-ip {g.ip} "
+        env = guest_env(f"KUBECONFIG={self.cp.kubeconfig}")
+        _daemon(g, f"{env} {guest_python()} -m vmthunder.cli agent --node {g.name} "
+                f"--export-ip {g.ip} "
                 f"--cache-dir {CACHE_DIR} --interval 1 --metrics-port {AGENT_METRICS_PORT}",
                 "vmthunder.cli agent", "/tmp/agent.log")
 
@@ -454,8 +455,8 @@ class Rig:
                        wait: bool = True) -> None:
         """The CSI node plugin in guest g (log: /tmp/csi-node.log); with wait, returns once
         its Probe says ready."""
-        env = _env(f"KUBECONFIG={self.cp.kubeconfig}")
-        _daemon(g, f"{env} {_py()} -m vmthunder.cli csi --mode node "
+        env = guest_env(f"KUBECONFIG={self.cp.kubeconfig}")
+        _daemon(g, f"{env} {guest_python()} -m vmthunder.cli csi --mode node "
                 f"--endpoint unix://{CSI_SOCKET} --node-id {g.name} "
                 f"--state-dir {CACHE_DIR}/volumes --stage-wait 30 "
                 f"--metrics-port {CSI_NODE_METRICS_PORT}", "vmthunder.cli csi",
@@ -475,12 +476,12 @@ class Rig:
             "        if time.monotonic() > deadline: raise\n"
             "    time.sleep(0.5)\n")
         tag = f"vmt-probe-{os.getpid()}"
-        _quick(g, f"cat > /tmp/{tag}.py <<'EOF'\n{probe}EOF")
+        run_quick(g, f"cat > /tmp/{tag}.py <<'EOF'\n{probe}EOF")
         try:
-            _detached(g, f"{_env()} {_py()} /tmp/{tag}.py", tag, timeout + 60)
+            run_detached(g, f"{guest_env()} {guest_python()} /tmp/{tag}.py", tag, timeout + 60)
         except RuntimeError as e:
             raise ProvisionError(f"{g.name}: the CSI node plugin is not ready: {e}\n"
-                                 f"{_quick(g, 'tail -c 3000 /tmp/csi-node.log')}") from None
+                                 f"{run_quick(g, 'tail -c 3000 /tmp/csi-node.log')}") from None
 
     def close(self) -> None:
         """Tears everything down; a second Ctrl-C does not interrupt the teardown."""
@@ -578,7 +579,7 @@ class Rig:
         run.nodes = list(runs.values())
         expected = expected_digest(self.disk, self.profile)
         origin0 = self.origin_bytes()
-        tx0 = dict(zip([g.name for g in nodes], _par(tx_bytes, nodes), strict=True))
+        tx0 = dict(zip([g.name for g in nodes], in_parallel(tx_bytes, nodes), strict=True))
         wall0 = time.monotonic()
         self.apply_image_cache(name, prefetch)
         t0 = run.started = time.time()
@@ -640,7 +641,7 @@ class Rig:
             mon.join(30)
             self.printer.freeze()
         run.origin_bytes = self.origin_bytes() - origin0
-        for g, tx in zip(nodes, _par(tx_bytes, nodes), strict=True):
+        for g, tx in zip(nodes, in_parallel(tx_bytes, nodes), strict=True):
             runs[g.name].egress = tx - tx0[g.name]
         parents = {n.node: n.parent for n in run.nodes if n.parent}
         run.tree_problems = tree_problems(parents, o.fanout, o.origin_fanout)
@@ -685,7 +686,8 @@ class Rig:
 
     def _boot(self, g: Guest, volume_id: str, context: Mapping[str, str]) -> dict[str, Any]:
         ctx = base64.b64encode(json.dumps(dict(context)).encode()).decode()
-        cmd = (f"{_env()} {_py()} -m vmthunder.lab.replay kubelet --socket {CSI_SOCKET} "
+        cmd = (f"{guest_env()} {guest_python()} -m vmthunder.lab.replay kubelet "
+               f"--socket {CSI_SOCKET} "
                f"--volume-id {volume_id} --context \"$(echo {ctx} | base64 -d)\" "
                f"--profile {self.profile_path} --scale {self.options.gap_scale}")
         if self.options.real_boot:
@@ -704,7 +706,7 @@ class Rig:
                            timeout=self.options.boot_timeout)
         finally:  # the VM is gone: its server too, or the volume stays busy (no unpublish)
             pid = f"$(cat {nbd_pid_file(port)})"
-            _quick(g, f"kill {pid}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; "
+            run_quick(g, f"kill {pid}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; "
                       f"rm -f {nbd_pid_file(port)}")
 
     def _monitor(self, image: str, run: Run, runs: dict[str, NodeRun], t0: float,
@@ -787,10 +789,10 @@ class Rig:
                 "    c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest("
                 "volume_id=vid, staging_target_path=st), timeout=60)\n")
             tag = f"vmt-unstage-{image}"
-            _quick(g, f"cat > /tmp/{tag}.py <<'EOF'\n{script}EOF")
-            _detached(g, f"{_env()} {_py()} /tmp/{tag}.py", tag, 180)
+            run_quick(g, f"cat > /tmp/{tag}.py <<'EOF'\n{script}EOF")
+            run_detached(g, f"{guest_env()} {guest_python()} /tmp/{tag}.py", tag, 180)
 
-        _par(unstage, self.lab.nodes)
+        in_parallel(unstage, self.lab.nodes)
         c = connect(f"unix://{self.controller_socket}")
         from vmthunder.csi.names import volume_id_for
 
@@ -802,14 +804,14 @@ class Rig:
 
         def gone(g: Guest) -> None:
             deadline = time.monotonic() + 180
-            while left := _quick(g, f"dmsetup ls | grep 'vmt-{image}' || true").strip():
+            while left := run_quick(g, f"dmsetup ls | grep 'vmt-{image}' || true").strip():
                 if time.monotonic() > deadline:
                     raise ProvisionError(
                         f"{g.name}: the stack of {image} is still there: {left}\n"
-                        f"{_quick(g, 'tail -c 2500 /tmp/agent.log')}")
+                        f"{run_quick(g, 'tail -c 2500 /tmp/agent.log')}")
                 time.sleep(1)
 
-        _par(gone, self.lab.nodes)
+        in_parallel(gone, self.lab.nodes)
 
 
 def boot_output(g: Guest, cmd: str, tag: str, timeout: float) -> dict[str, Any]:
@@ -819,21 +821,21 @@ def boot_output(g: Guest, cmd: str, tag: str, timeout: float) -> dict[str, Any]:
     start_shell(g, cmd, tag)
     deadline = time.monotonic() + timeout
     while True:
-        rc = _quick(g, f"cat /tmp/{tag}.rc 2>/dev/null || true").strip()
+        rc = run_quick(g, f"cat /tmp/{tag}.rc 2>/dev/null || true").strip()
         if rc.isdigit():
-            text = _quick(g, f"cat /tmp/{tag}.out").strip()
+            text = run_quick(g, f"cat /tmp/{tag}.out").strip()
             try:
                 out: dict[str, Any] = json.loads(text.splitlines()[-1])
                 return out
             except (IndexError, ValueError):
-                err = _quick(g, f"tail -c 2000 /tmp/{tag}.err")
+                err = run_quick(g, f"tail -c 2000 /tmp/{tag}.err")
                 raise ProvisionError(f"{g.name}: boot failed rc={rc}: {err}") from None
         if time.monotonic() > deadline:
             raise ProvisionError(f"{g.name}: boot still running after {timeout:.0f} s")
         time.sleep(0.5)
 
 
-def _par(fn: Callable[[Guest], Any], guests: Sequence[Guest]) -> list[Any]:
+def in_parallel(fn: Callable[[Guest], Any], guests: Sequence[Guest]) -> list[Any]:
     with ThreadPoolExecutor(max(1, len(guests))) as pool:
         return list(pool.map(fn, guests))
 
