@@ -22,6 +22,7 @@ from vmthunder.node.agent import (
     children_initiators,
     parent_address,
     plan_cache_event,
+    plan_failure_status,
     plan_full_round,
     plan_held_paths,
     plan_phase,
@@ -63,6 +64,22 @@ def test_children_are_replicas_naming_this_node_as_parent_with_their_initiators(
 
     reps = [rep("a", "iqn.x:b"), rep("a", "iqn.x:c"), rep("b", "iqn.x:d"), rep("a", None)]
     assert children_initiators("a", reps) == ("iqn.x:b", "iqn.x:c")
+
+
+def test_a_child_whose_first_round_failed_still_tells_its_parent_its_name() -> None:
+    # Its parent's export had no ACL for it yet, so the login was refused: the parent adds
+    # one only for a name it reads in the child's status (a CI run deadlocked on this).
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    first = plan_failure_status({}, "IscsiError: authorization failure", "iqn.x:b", now)
+    child = {"spec": {"parent": "a"}, "status": first}
+    assert children_initiators("a", [child]) == ("iqn.x:b",)
+    assert first["phase"] == "Failed" and first["message"].startswith("IscsiError")
+    # Later failures keep what the status held and one Initiator condition.
+    held = {"phase": "Attached", "exportAddress": {"iqn": "iqn.x:b.img"},
+            "conditions": [{"type": "Ready", "status": "True"}, first["conditions"][0]]}
+    again = plan_failure_status(held, "boom", "iqn.x:b", now)
+    assert again["exportAddress"] == held["exportAddress"]
+    assert [c["type"] for c in again["conditions"]] == ["Ready", INITIATOR_CONDITION]
 
 
 def test_phases_follow_the_cache_layer() -> None:

@@ -122,6 +122,24 @@ class Report:
     cache_dir: str = ""
 
 
+def initiator_condition(initiator: str) -> dict[str, str]:
+    """How a child tells its parent its initiator name (the parent's ACL for it)."""
+    return {"type": INITIATOR_CONDITION, "status": "True", "reason": "InitiatorName",
+            "message": initiator}
+
+
+def plan_failure_status(previous: Mapping[str, Any], error: str, initiator: str,
+                        now: datetime) -> dict[str, Any]:
+    """The status of a replica whose round failed. It carries the initiator name too: a child
+    whose first login is refused (its parent's export has no ACL for it yet) is let in only
+    once the parent reads that name, so a failure must not withhold it."""
+    conditions = [c for c in previous.get("conditions") or []
+                  if c.get("type") != INITIATOR_CONDITION]
+    conditions.append(initiator_condition(initiator))
+    return {**previous, "phase": "Failed", "message": error[:4000],
+            "heartbeat": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "conditions": conditions}
+
+
 def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     """The replica's new status. Byte counters never go backwards: the kernel's counters vanish
     with -src at detach, the status keeps the last value."""
@@ -130,8 +148,7 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     conditions = [c for c in previous.get("conditions") or []
                   if c.get("type") not in (INITIATOR_CONDITION, "Ready", CACHE_CONDITION)]
-    conditions.append({"type": INITIATOR_CONDITION, "status": "True", "reason": "InitiatorName",
-                       "message": r.initiator})
+    conditions.append(initiator_condition(r.initiator))
     cached = cache_condition(r)
     if cached is not None:
         conditions.append(cached)
@@ -569,9 +586,8 @@ class Agent:
             return [], f"boot profile unusable, hydrating without prefetch: {e}"[:1000]
 
     def _report_failure(self, r: Mapping[str, Any], e: Exception) -> None:
-        status = dict(r.get("status") or {})
-        status.update(phase="Failed", message=f"{type(e).__name__}: {e}"[:4000],
-                      heartbeat=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        status = plan_failure_status(r.get("status") or {}, f"{type(e).__name__}: {e}",
+                                     self.initiator, datetime.now(UTC))
         try:
             self.kube.patch_status(r["metadata"]["name"], status)
         except Exception:
