@@ -123,7 +123,7 @@ def main() -> int:
             payload = base64.b64encode(json.dumps(vols).encode()).decode()
             run_quick(g, f"cat > /tmp/vmt-churn.py <<'EOF'\n{KUBELET % {'socket': CSI_SOCKET}}EOF")
             out = run_detached(g, f"{guest_env()} {guest_python()} /tmp/vmt-churn.py "
-                               f"\"$(echo {payload} | base64 -d)\"", "vmt-churn", 1800)
+                                  f"\"$(echo {payload} | base64 -d)\"", "vmt-churn", 1800)
             assert json.loads(out.strip().splitlines()[-1])["done"] == n, out
             t_node = time.monotonic()
             c = connect(f"unix://{rig.controller_socket}")

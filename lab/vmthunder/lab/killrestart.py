@@ -720,8 +720,8 @@ class Chaos:
             m = GUEST_COMPONENTS[component]
             pat = f"[{m[0]}]{m[1:]}"
             out = run_quick(self.rig.lab.guest(node),
-                         f"if pkill -9 -f '{pat}'; then echo killed; fi; "
-                         f"while pgrep -f '{pat}' >/dev/null; do sleep 0.1; done")
+                            f"if pkill -9 -f '{pat}'; then echo killed; fi; "
+                            f"while pgrep -f '{pat}' >/dev/null; do sleep 0.1; done")
             return "killed" in out
         proc = self.rig.procs[component]
         alive = proc.poll() is None
@@ -803,9 +803,9 @@ class Chaos:
             [[op, v.volume_id, dict(v.context)] for op, v in ops]).encode()).decode()
         tag = f"vmt-kubelet-{ops[0][1].volume_id[:12]}"
         out = run_detached(g, f"{guest_env()} {guest_python()} /tmp/vmt-kubelet.py "
-                           f"\"$(echo {payload} | base64 -d)\" {KUBELET_RETRY_S} {CSI_SOCKET} "
-                           f"{STAGING} {PODS}",
-                        tag, KUBELET_RETRY_S * 2 + 120)
+                              f"\"$(echo {payload} | base64 -d)\" {KUBELET_RETRY_S} {CSI_SOCKET} "
+                              f"{STAGING} {PODS}",
+                           tag, KUBELET_RETRY_S * 2 + 120)
         res = json.loads(out.strip().splitlines()[-1])
         return {str(k): int(n) for k, n in res["retries"].items()}
 

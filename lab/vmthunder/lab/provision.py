@@ -707,7 +707,7 @@ class Rig:
         finally:  # the VM is gone: its server too, or the volume stays busy (no unpublish)
             pid = f"$(cat {nbd_pid_file(port)})"
             run_quick(g, f"kill {pid}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; "
-                      f"rm -f {nbd_pid_file(port)}")
+                         f"rm -f {nbd_pid_file(port)}")
 
     def _monitor(self, image: str, run: Run, runs: dict[str, NodeRun], t0: float,
                  origin0: int, stop: threading.Event) -> None:

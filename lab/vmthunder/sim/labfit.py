@@ -131,8 +131,7 @@ class Forecast:
     fit: LabRun  # the run the calibration was fitted to
     calibration: Calibration
     reproduced_s: float  # the fitted run's all-booted time as the simulator gives it back
-    n: int
-    forecast_s: float  # all booted at n, from nothing measured at n
+    forecast_s: float  # all booted at the asked N, from nothing measured at it
 
 
 def forecast(records: Sequence[Mapping[str, Any]], recording: Recording, fit_n: int,
@@ -142,5 +141,5 @@ def forecast(records: Sequence[Mapping[str, Any]], recording: Recording, fit_n: 
     fit = find_run(records, MODE, fit_n)
     profile = profile_from_recording(recording, fit.gap_scale)
     cal = fit_host_bps(fit, profile, measured(fit, profile, find_run(records, "local", fit_n)))
-    return Forecast(fit, cal, predict(fit, profile, cal), n,
+    return Forecast(fit, cal, predict(fit, profile, cal),
                     predict(replace(fit, n=n), profile, scaled_to(cal, fit_n, n)))
