@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from vmthunder.node import lio, names, stack
 from vmthunder.node.cache import CacheState, runs
-from vmthunder.node.hydrate import Read, background_threshold, parse_profile, plan_prefetch
+from vmthunder.node.hydrate import (
+    QuietGate,
+    Read,
+    background_threshold,
+    parse_profile,
+    plan_prefetch,
+)
 from vmthunder.node.iscsi import TargetAddress
 
 ORIGIN = TargetAddress("10.0.0.2:3260", "iqn.2026-11.io.example:golden")
@@ -159,6 +165,16 @@ def test_background_threshold_follows_the_throttle() -> None:
     assert background_threshold(0, 65536) == 64
     assert background_threshold(20 * MIB, 65536) == 16
     assert background_threshold(1, 65536) == 1
+
+
+def test_background_waits_until_no_read_but_its_own_for_the_idle_time() -> None:
+    gate = QuietGate(idle_seconds=2.0)
+    assert gate.open(0.0, device_bytes_read=0, own_bytes_read=0)  # nothing seen yet
+    assert gate.open(1.0, 4 * MIB, 4 * MIB)  # only the hydrator's own reads
+    assert not gate.open(2.0, 5 * MIB, 4 * MIB)  # a VM (or a child) read 1 MiB
+    assert not gate.open(3.5, 5 * MIB, 4 * MIB)  # quiet, but not for 2 s yet
+    assert gate.open(4.0, 5 * MIB, 4 * MIB)
+    assert not gate.open(4.5, 9 * MIB, 4 * MIB)  # reads again: shut again
 
 
 def test_recorded_lab_profile_format_is_read_and_its_checksum_enforced() -> None:

@@ -1,7 +1,8 @@
 """Prefetch in boot-profile order, hydration of what is read, background hydration.
 
 Every node walks the same order (the profile's regions, then the rest), so a parent stays
-ahead of its children.
+ahead of its children. The background part yields to reads: while VMs boot or children pull,
+it waits, since in a boot storm the CPU and the links are what the boots need.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vmthunder.node import dm, names
+from vmthunder.node import blockdev, dm, names
 from vmthunder.node.cache import CacheBackend
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,24 @@ def hydration_order(profile: Sequence[int], total: int) -> list[int]:
     return [*profile, *(r for r in range(total) if r not in seen)]
 
 
+@dataclass
+class QuietGate:
+    """Whether background hydration may go on: the cache has served no reads but our own for
+    `idle_seconds`. Fed the device's read counter and the bytes the hydrator itself read, so
+    what is left over is the VMs' and the children's. Pure: the caller supplies the clock."""
+
+    idle_seconds: float
+    _foreground: int | None = None
+    _busy_at: float | None = None
+
+    def open(self, now: float, device_bytes_read: int, own_bytes_read: int) -> bool:
+        foreground = device_bytes_read - own_bytes_read
+        if self._foreground is not None and foreground > self._foreground:
+            self._busy_at = now
+        self._foreground = foreground
+        return self._busy_at is None or now - self._busy_at >= self.idle_seconds
+
+
 @dataclass(frozen=True)
 class Upstream:
     """What the parent holds, as its replica's status last said. A cache that does not keep
@@ -141,7 +160,7 @@ class Hydrator(threading.Thread):
 
     def __init__(self, image: str, backend: CacheBackend, *, size: int, region_bytes: int,
                  profile: Sequence[int], queue_depth: int, throttle: int,
-                 upstream: Upstream = UNLIMITED) -> None:
+                 idle_seconds: float = 0.0, upstream: Upstream = UNLIMITED) -> None:
         super().__init__(name=f"hydrate-{image}", daemon=True)
         self.image = image
         self.backend = backend
@@ -151,6 +170,8 @@ class Hydrator(threading.Thread):
         self.queue_depth = queue_depth
         self.throttle = throttle
         self.upstream = upstream
+        self.quiet = QuietGate(idle_seconds)
+        self.bytes_read = 0  # through vmt-<image>, by this walk: not the VMs' or children's
         self.hydrated_in_order = 0
         self.prefetch_seconds = 0.0
         self.background_started = False
@@ -189,29 +210,40 @@ class Hydrator(threading.Thread):
                     hot = plan_read_regions(dm.stats_print(name, stats_id, clear_after=True),
                                             self.region_bytes)
                     if hot:
-                        self.backend.hydrate(self.image, hot, self.region_bytes, self.size,
-                                             self.queue_depth)
+                        self.bytes_read += self.backend.hydrate(
+                            self.image, hot, self.region_bytes, self.size, self.queue_depth)
             done = self.hydrated_in_order
             prefetching = done < len(self.profile)
+            quiet = self._quiet(name)  # looked at while prefetching too, to know the reads then
+            if not prefetching and not quiet:
+                self.stopping.wait(0.5)
+                continue
             if done >= len(order):
                 self._sweep()
                 self.stopping.wait(0.5)
                 continue
+            # Background batches stay small (4 MiB) so a read arriving mid-batch waits little.
             batch = (max(self.queue_depth * 16, 64) if prefetching
-                     else max(1, self.throttle // self.region_bytes) if self.throttle else 256)
+                     else max(1, self.throttle // self.region_bytes) if self.throttle else 64)
             limit = self._limit()
             end = min(len(order), done + batch, len(self.profile) if prefetching else len(order),
                       len(order) if limit is None else limit)
             if end <= done:
                 self.stopping.wait(0.5)  # the parent is behind: its next report moves us on
                 continue
-            self.backend.hydrate(self.image, order[done:end], self.region_bytes, self.size,
-                                 self.queue_depth)
+            self.bytes_read += self.backend.hydrate(self.image, order[done:end],
+                                                    self.region_bytes, self.size, self.queue_depth)
             self.hydrated_in_order = end
             if prefetching and end >= len(self.profile):
                 self.prefetch_seconds = time.monotonic() - t0
             if not prefetching and self.throttle:
                 self.stopping.wait(1.0)
+
+    def _quiet(self, name: str) -> bool:
+        if self.quiet.idle_seconds <= 0:
+            return True
+        served = blockdev.iostat(dm.mapper_path(name)).bytes_read
+        return self.quiet.open(time.monotonic(), served, self.bytes_read)
 
     def _resume(self, total: int) -> int:
         """Where a new walk starts. From scratch unless the kernel already holds more than the
