@@ -24,7 +24,8 @@ from waiting import wait_for
 
 from vmthunder.lab.provision import CACHE_DIR, GROUP, VERSION, Options, Rig, Run
 from vmthunder.node import labdrive, names
-from vmthunder.node.agent import CACHE_CONDITION, EVENTS_NAMESPACE
+from vmthunder.node.agent import CACHE_CONDITION
+from vmthunder.node.api import EVENTS_NAMESPACE
 from vmthunder.operator.model import replica_name
 
 IMAGE = "full"

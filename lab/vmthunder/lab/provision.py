@@ -448,7 +448,7 @@ class Rig:
         env = guest_env(f"KUBECONFIG={self.cp.kubeconfig}")
         _daemon(g, f"{env} {guest_python()} -m vmthunder.cli agent --node {g.name} "
                 f"--export-ip {g.ip} "
-                f"--cache-dir {CACHE_DIR} --interval 1 --metrics-port {AGENT_METRICS_PORT}",
+                f"--cache-dir {CACHE_DIR} --metrics-port {AGENT_METRICS_PORT}",
                 "vmthunder.cli agent", "/tmp/agent.log")
 
     def start_csi_node(self, g: Guest, timeout: float = NODE_READY_TIMEOUT,

@@ -22,38 +22,34 @@ the volumes, at the first full round (at most RESYNC_SECONDS apart) that finds r
 
 from __future__ import annotations
 
-import base64
 import logging
-import threading
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 from prometheus_client import start_http_server
 
 from vmthunder.node import blockdev, dm, iscsi, metrics, names, stack
 from vmthunder.node import transport as transports
+from vmthunder.node.api import Kube, WatchedKube
 from vmthunder.node.cache import VOLUME_HEADROOM, CacheBackend, CacheState, make_backend
 from vmthunder.node.hydrate import Hydrator, Upstream, parse_profile, plan_prefetch, upstream_of
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import IscsiTransport, Transport
 from vmthunder.operator.model import (
     CACHE_CONDITION,
-    GROUP,
-    IMAGE_CACHES,
-    IMAGE_REPLICAS,
     LABEL_NODE,
-    VERSION,
     replica_name,
 )
 
 log = logging.getLogger("vmthunder.agent")
 INITIATOR_CONDITION = "Initiator"
 # Events about cluster-scoped objects (ImageReplicas) live in this namespace.
-EVENTS_NAMESPACE = "default"
 DEFAULT_REGION = 65536
+MIN_ROUND_GAP = 0.5  # seconds from one round's start to the next
+DEFAULT_IDLE_SECONDS = 2.0  # the CRD's default for spec.hydration.idleSeconds
 RESYNC_SECONDS = 30.0  # a converged image's whole stack is re-read at least this often
 HEARTBEAT_SECONDS = 15.0  # an unchanged status is rewritten this often (stale after 60 s)
 REINSTATE_BACKOFF_MAX = 60.0
@@ -299,70 +295,6 @@ def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
     return (now - beat.replace(tzinfo=UTC)).total_seconds() >= HEARTBEAT_SECONDS
 
 
-# --- the API ----------------------------------------------------------------------------------
-
-class Kube:
-    """The few reads and the one write the agent does."""
-
-    def __init__(self, api_client: Any) -> None:
-        import kubernetes
-
-        self.custom = kubernetes.client.CustomObjectsApi(api_client)
-        self.core = kubernetes.client.CoreV1Api(api_client)
-
-    def _get(self, plural: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return cast(dict[str, Any], self.custom.get_cluster_custom_object(
-                GROUP, VERSION, plural, name))
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
-    def replicas(self, selector: str) -> list[dict[str, Any]]:
-        res = cast(dict[str, Any], self.custom.list_cluster_custom_object(
-            GROUP, VERSION, IMAGE_REPLICAS, label_selector=selector))
-        return list(res.get("items", []))
-
-    def replica(self, name: str) -> dict[str, Any] | None:
-        return self._get(IMAGE_REPLICAS, name)
-
-    def cache(self, name: str) -> dict[str, Any] | None:
-        return self._get(IMAGE_CACHES, name)
-
-    def chap(self, ref: Mapping[str, Any] | None) -> Chap | None:
-        if not ref:
-            return None
-        s = self.core.read_namespaced_secret(ref["name"], ref["namespace"])
-        data = {k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()}
-        return Chap(data["username"], data["password"], data.get("mutualUsername"),
-                    data.get("mutualPassword"))
-
-    def profile(self, ref: Mapping[str, Any] | None) -> str | None:
-        if not ref:
-            return None
-        cm = self.core.read_namespaced_config_map(ref["name"], ref["namespace"])
-        return str((cm.data or {}).get("profile", "")) or None
-
-    def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
-        self.custom.patch_cluster_custom_object_status(
-            GROUP, VERSION, IMAGE_REPLICAS, name, {"status": dict(status)})
-
-    def event(self, replica: Mapping[str, Any], kind: str, reason: str, message: str,
-              source: str) -> None:
-        meta = replica["metadata"]
-        stamp = datetime.now(UTC)
-        self.core.create_namespaced_event(EVENTS_NAMESPACE, {  # type: ignore[arg-type]
-            "metadata": {"generateName": f"{meta['name']}."},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageReplica",
-                               "name": meta["name"], "uid": meta.get("uid")},
-            "type": kind, "reason": reason, "message": message[:1000],
-            "source": {"component": "vmthunder-agent", "host": source},
-            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1})
-
-
 # --- the loop ---------------------------------------------------------------------------------
 
 class Agent:
@@ -560,9 +492,11 @@ class Agent:
             self.notes[image] = problem
         else:
             self.notes.pop(image, None)
-        throttle = int((cspec.get("hydration") or {}).get("throttleBytesPerSecond", 0))
+        hydration = cspec.get("hydration") or {}
         h = Hydrator(image, self.backend, size=size, region_bytes=region, profile=order,
-                     queue_depth=int(prefetch.get("queueDepth", 8)), throttle=throttle,
+                     queue_depth=int(prefetch.get("queueDepth", 8)),
+                     throttle=int(hydration.get("throttleBytesPerSecond", 0)),
+                     idle_seconds=float(hydration.get("idleSeconds", DEFAULT_IDLE_SECONDS)),
                      upstream=upstream)
         h.start()
         self.hydrators[image] = h
@@ -601,7 +535,7 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from vmthunder.kube import load_api_client
 
-    kube = Kube(load_api_client())
+    kube = WatchedKube(load_api_client(), node).start()
     # With multipath, a dead session must fail fast so dm-multipath queues the I/O itself
     # (queue_if_no_path) until a new parent's path is loaded; without it the SCSI layer queues.
     tmo = replacement_timeout if replacement_timeout is not None else (5 if multipath else 600)
@@ -610,14 +544,17 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
     if metrics_port:
         metrics.register(lambda: dict(agent.statuses))
         start_http_server(metrics_port)
-    stop = threading.Event()
-    while not stop.is_set():
+    while True:
         t0 = time.monotonic()
+        kube.wake.clear()  # before the round: news that comes during it makes another
         try:
             agent.round()
         except Exception:
             log.exception("round failed")
         if once:
-            break
-        stop.wait(max(0.1, interval - (time.monotonic() - t0)))
-    return 0
+            return 0
+        # The next round when something this node acts on changes, or after `interval` (the
+        # hydration's progress, the kernel's state); never closer than MIN_ROUND_GAP, since
+        # our own status write comes back as news.
+        time.sleep(max(0.0, MIN_ROUND_GAP - (time.monotonic() - t0)))
+        kube.wake.wait(max(0.0, interval - (time.monotonic() - t0)))

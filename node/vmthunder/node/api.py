@@ -1,0 +1,189 @@
+"""The agent's reads and writes of the API server.
+
+`Kube` asks the server each time. `WatchedKube` answers the reads from watches (all
+ImageReplicas and ImageCaches, raw JSON) and sets `wake` when something this node acts on
+changes, so the agent's round runs when there is news rather than polling: in a TCG guest,
+a poll's few HTTPS calls cost a third of the vCPU the VMs boot on.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from vmthunder.node.iscsi import Chap
+from vmthunder.operator.informer import Informer
+from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, LABEL_NODE, VERSION
+
+EVENTS_NAMESPACE = "default"
+SECRET_TTL_SECONDS = 30.0  # a rotated CHAP secret is picked up within this
+Obj = dict[str, Any]
+log = logging.getLogger("vmthunder.agent")
+
+
+class Kube:
+    """The few reads and the one write the agent does."""
+
+    def __init__(self, api_client: Any) -> None:
+        import kubernetes
+
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+
+    def _get(self, plural: str, name: str) -> Obj | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return cast(Obj, self.custom.get_cluster_custom_object(GROUP, VERSION, plural, name))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def replicas(self, selector: str) -> list[Obj]:
+        res = cast(Obj, self.custom.list_cluster_custom_object(
+            GROUP, VERSION, IMAGE_REPLICAS, label_selector=selector))
+        return list(res.get("items", []))
+
+    def replica(self, name: str) -> Obj | None:
+        return self._get(IMAGE_REPLICAS, name)
+
+    def cache(self, name: str) -> Obj | None:
+        return self._get(IMAGE_CACHES, name)
+
+    def chap(self, ref: Mapping[str, Any] | None) -> Chap | None:
+        if not ref:
+            return None
+        s = self.core.read_namespaced_secret(ref["name"], ref["namespace"])
+        data = {k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()}
+        return Chap(data["username"], data["password"], data.get("mutualUsername"),
+                    data.get("mutualPassword"))
+
+    def profile(self, ref: Mapping[str, Any] | None) -> str | None:
+        if not ref:
+            return None
+        cm = self.core.read_namespaced_config_map(ref["name"], ref["namespace"])
+        return str((cm.data or {}).get("profile", "")) or None
+
+    def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, IMAGE_REPLICAS, name, {"status": dict(status)})
+
+    def event(self, replica: Mapping[str, Any], kind: str, reason: str, message: str,
+              source: str) -> None:
+        meta = replica["metadata"]
+        stamp = datetime.now(UTC)
+        self.core.create_namespaced_event(EVENTS_NAMESPACE, {  # type: ignore[arg-type]
+            "metadata": {"generateName": f"{meta['name']}."},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageReplica",
+                               "name": meta["name"], "uid": meta.get("uid")},
+            "type": kind, "reason": reason, "message": message[:1000],
+            "source": {"component": "vmthunder-agent", "host": source},
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1})
+
+
+# --- pure pieces ------------------------------------------------------------------------------
+
+def selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
+    """An equality-based label selector ("k=v,k2=v2", the only kind the agent uses)."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        key, sep, value = term.partition("=")
+        if not sep:
+            raise ValueError(f"unsupported label selector term: {term!r}")
+        if labels.get(key.strip()) != value.lstrip("=").strip():
+            return False
+    return True
+
+
+def image_and_node(replica: Mapping[str, Any]) -> tuple[str, str]:
+    spec = replica.get("spec") or {}
+    labels = (replica.get("metadata") or {}).get("labels") or {}
+    return str(spec.get("imageCache", "")), str(labels.get(LABEL_NODE, ""))
+
+
+def concerns(node: str, mine: Mapping[str, Obj], old: Obj | None, new: Obj | None) -> bool:
+    """Whether a change of a replica is news to `node`'s agent: one of its own, but not its
+    status (the agent writes that itself), a child's (its initiator name goes into our
+    ACLs), or its parent's (export address, progress)."""
+    replica = new or old
+    if replica is None:
+        return False
+    image, owner = image_and_node(replica)
+    if owner == node:
+        return old is None or new is None or _wanted(old) != _wanted(new)
+    if (replica.get("spec") or {}).get("parent") == node:
+        return True
+    return any(image_and_node(m)[0] == image and (m.get("spec") or {}).get("parent") == owner
+               for m in mine.values())
+
+
+def _wanted(replica: Mapping[str, Any]) -> tuple[Any, ...]:
+    meta = replica.get("metadata") or {}
+    return replica.get("spec"), meta.get("labels"), meta.get("deletionTimestamp")
+
+
+# --- the watched view ---------------------------------------------------------------------------
+
+class WatchedKube(Kube):
+    def __init__(self, api_client: Any, node: str) -> None:
+        super().__init__(api_client)
+        self.node = node
+        self.wake = threading.Event()
+        self._mine: dict[str, Obj] = {}  # this node's replicas, for `concerns` (few)
+        self._secrets: dict[tuple[str, str], tuple[float, Chap | None]] = {}
+        self._replicas = Informer[Obj]("imagereplicas", functools.partial(
+            self.custom.list_cluster_custom_object, GROUP, VERSION, IMAGE_REPLICAS),
+            dict, self._replica_changed)
+        self._caches = Informer[Obj]("imagecaches", functools.partial(
+            self.custom.list_cluster_custom_object, GROUP, VERSION, IMAGE_CACHES),
+            dict, lambda old, new: self.wake.set())
+
+    def start(self) -> WatchedKube:
+        """Starts the watches and returns once both have listed. Never sooner: a round on
+        empty lists would take this node's replicas for deleted and tear their stacks down."""
+        self._replicas.start()
+        self._caches.start()
+        for inf in (self._replicas, self._caches):
+            while not inf.synced.wait(30):
+                log.warning("still waiting for the first listing of %s", inf.name)
+        return self
+
+    def _replica_changed(self, old: Obj | None, new: Obj | None) -> None:
+        obj = new or old
+        if obj is None:
+            return
+        name = str(obj["metadata"]["name"])
+        if image_and_node(obj)[1] == self.node:
+            if new is None:
+                self._mine.pop(name, None)
+            else:
+                self._mine[name] = new
+        if concerns(self.node, self._mine, old, new):
+            self.wake.set()
+
+    def replicas(self, selector: str) -> list[Obj]:
+        return [r for r in self._replicas.values()
+                if selector_matches(selector, (r.get("metadata") or {}).get("labels") or {})]
+
+    def replica(self, name: str) -> Obj | None:
+        return self._replicas.items.get(name)
+
+    def cache(self, name: str) -> Obj | None:
+        return self._caches.items.get(name)
+
+    def chap(self, ref: Mapping[str, Any] | None) -> Chap | None:
+        if not ref:
+            return None
+        key = (str(ref["namespace"]), str(ref["name"]))
+        hit = self._secrets.get(key)
+        if hit is not None and time.monotonic() - hit[0] < SECRET_TTL_SECONDS:
+            return hit[1]
+        chap = super().chap(ref)
+        self._secrets[key] = (time.monotonic(), chap)
+        return chap

@@ -1,0 +1,42 @@
+"""The agent's watched view of the API server: which changes wake its round (pure pieces)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vmthunder.node.api import concerns, selector_matches
+
+
+def replica(image: str, node: str, parent: str, **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": f"{image}.{node}", "labels": {"vmthunder.io/node": node,
+                                                               "vmthunder.io/image-cache": image}},
+            "spec": {"imageCache": image, "parent": parent}, "status": status}
+
+
+def test_equality_selectors_match_labels_and_other_kinds_are_refused() -> None:
+    labels = {"vmthunder.io/node": "n1", "vmthunder.io/image-cache": "golden"}
+    assert selector_matches("vmthunder.io/node=n1", labels)
+    assert selector_matches("vmthunder.io/node==n1,vmthunder.io/image-cache=golden", labels)
+    assert not selector_matches("vmthunder.io/node=n2", labels)
+    assert not selector_matches("vmthunder.io/zone=a", labels)
+    with pytest.raises(ValueError):
+        selector_matches("vmthunder.io/node in (n1)", labels)
+
+
+def test_a_round_wakes_for_its_own_spec_its_children_and_its_parent_not_for_strangers() -> None:
+    mine = replica("golden", "n2", "n1")
+    index = {"golden.n2": mine}
+    # its own replica: created, deleted, re-parented wake it; its own status write does not
+    assert concerns("n2", index, None, mine)
+    assert concerns("n2", index, mine, None)
+    assert concerns("n2", index, mine, replica("golden", "n2", "@origin"))
+    assert not concerns("n2", index, mine, replica("golden", "n2", "n1", phase="Hydrating"))
+    # the parent's status (export address, progress) and a child's (its initiator name)
+    assert concerns("n2", index, None, replica("golden", "n1", "@origin", phase="Attached"))
+    assert concerns("n2", index, None, replica("golden", "n3", "n2", phase="Pending"))
+    # a sibling, another image's replica on the parent's node, a stranger
+    assert not concerns("n2", index, None, replica("golden", "n4", "n1", phase="Attached"))
+    assert not concerns("n2", index, None, replica("other", "n1", "@origin", phase="Attached"))
+    assert not concerns("n2", index, None, replica("golden", "n9", "n7", phase="Attached"))
