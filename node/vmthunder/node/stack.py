@@ -15,6 +15,8 @@ nothing twice, which is how the agent converges after a restart.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -23,6 +25,8 @@ from vmthunder.node import transport as transports
 from vmthunder.node.cache import CacheBackend, CacheSpaceError, CacheState
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import Transport
+
+log = logging.getLogger("vmthunder.stack")
 
 SECTOR = 512
 # Every parent's disk takes requests of at most this size. -src is request-based multipath:
@@ -282,7 +286,9 @@ def apply_image(w: Want, backend: CacheBackend, transport: Transport,
             w = replace(w, shared=shared)
             steps = plan_image(w, seen)
     for step in steps:
+        t0 = time.monotonic()
         _apply_step(w, step, backend, transport)
+        log.info("%s: %s in %.2f s", w.image, type(step).__name__, time.monotonic() - t0)
     return seen, steps
 
 
