@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import kubernetes
+import kubernetes.watch
 from kubernetes.client.exceptions import ApiException
 
 from vmthunder.csi.names import (
@@ -217,6 +218,36 @@ class KubeState:
         if obj is None:
             return None
         return str((obj.get("status") or {}).get("phase", "Pending"))
+
+    def wait_replica_phase(self, image_cache: str, node: str, until: Callable[[str | None], bool],
+                           timeout: float) -> tuple[bool, str | None]:
+        """Waits until `until(phase)` holds for the node's replica of the image, on a watch of
+        that one object: a wait of minutes costs no polling (a TCG guest's CPU is what its
+        neighbours' boots run on). Returns whether it held, and the last phase seen."""
+        name = replica_name(image_cache, node)
+        deadline = time.monotonic() + timeout
+        phase = self.replica_phase(image_cache, node)
+        while not until(phase):
+            left = deadline - time.monotonic()
+            if left <= 0 or not is_object_name(name):
+                return False, phase
+            watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+            try:  # with no resourceVersion the first event is the object as it is now
+                for event in watch.stream(  # type: ignore[no-untyped-call]
+                        self.custom.list_cluster_custom_object, GROUP, VERSION, IMAGE_REPLICAS,
+                        field_selector=f"metadata.name={name}", timeout_seconds=max(1, int(left))):
+                    obj = event.get("object")
+                    if not isinstance(obj, dict) or obj.get("kind") != "ImageReplica":
+                        continue  # a watch error (its Status): the loop below looks again
+                    phase = (None if event["type"] == "DELETED"
+                             else str((obj.get("status") or {}).get("phase", "Pending")))
+                    if until(phase):
+                        return True, phase
+            except ApiException:
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            finally:
+                watch.stop()  # type: ignore[no-untyped-call]
+        return True, phase
 
     def replica_phases(self, image_cache: str) -> dict[str, str]:
         """node -> phase for every replica of the image."""

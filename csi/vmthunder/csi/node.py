@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final, TypeVar
@@ -122,24 +123,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _wait_for_image(self, volume: Volume) -> str:
         """The image device, once the node agent reports the replica Attached (or later)."""
+        deadline = time.monotonic() + self.stage_wait
+        usable, phase = self.state.wait_replica_phase(
+            volume.image_cache, self.node_id, lambda p: p in USABLE_REPLICA_PHASES,
+            self.stage_wait)
         found: list[str] = []
-        last_phase: list[str | None] = [None]
 
-        def ready() -> bool:
-            phase = self.state.replica_phase(volume.image_cache, self.node_id)
-            last_phase[0] = phase
-            if phase not in USABLE_REPLICA_PHASES:
-                return False
-            device = self.backend.image_device(volume.image_cache)
-            if device:
-                found.append(device)
-            return bool(device)
+        def device() -> bool:  # the agent reports Attached after building it: at once, mostly
+            path = self.backend.image_device(volume.image_cache)
+            if path:
+                found.append(path)
+            return bool(path)
 
-        if not wait_for(ready, self.stage_wait, interval=0.5):
+        if not usable or not wait_for(device, max(0.0, deadline - time.monotonic()),
+                                      interval=0.5):
             raise CsiError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the replica of {volume.image_cache} on {self.node_id} is not attached yet "
-                f"(phase {last_phase[0] or 'none'}); retry",
+                f"(phase {phase or 'none'}); retry",
             )
         return found[-1]
 
