@@ -1,15 +1,16 @@
 """The node agent: reconciles its node's ImageReplicas into the kernel block stack and reports.
 
-Every round: read the API (replicas of this node, their ImageCaches, parents' export addresses,
-children's initiator names, the CHAP secret), decide with pure plan_* functions, apply with
-stack.apply_image, start a hydrator where a cache layer is caching, and write each replica's
-status. Nothing private needs to survive: after a restart the round reads the kernel
-(dmsetup, iscsi sessions in sysfs, configfs) and converges.
+Every round: read the API as the watches of vmthunder.node.api hold it (replicas of this node,
+their ImageCaches, parents' export addresses, children's initiator names; the CHAP secret),
+decide with pure plan_* functions, apply with stack.apply_image, start a hydrator where a cache
+layer is caching, and write each replica's status. Nothing private needs to survive: after a
+restart the round reads the kernel (dmsetup, iscsi sessions in sysfs, configfs) and converges.
 
-A round is cheap once an image has converged: while what is wanted and the cache layer's state
-stay as the last full round left them, it reads only the cache layer's progress (one dmsetup
-call; a whole-stack read is about ten, ~1 s of a TCG lab guest's CPU), re-reading the whole
-stack every RESYNC_SECONDS; and it writes a status only when it changed or as a heartbeat.
+A round runs when the watches bring news for this node, or every --interval. It is cheap once
+an image has converged: while what is wanted and the cache layer's state stay as the last full
+round left them, it reads only the cache layer's progress (one dmsetup call; a whole-stack read
+is about ten, ~1 s of a TCG lab guest's CPU), re-reading the whole stack every RESYNC_SECONDS;
+and it writes a status only when it changed or as a heartbeat.
 
 A node publishes its iSCSI initiator name in a status condition of type "Initiator" of its
 replicas, so a parent can give it an ACL; the CRD has no dedicated field for it.
@@ -46,7 +47,6 @@ from vmthunder.operator.model import (
 
 log = logging.getLogger("vmthunder.agent")
 INITIATOR_CONDITION = "Initiator"
-# Events about cluster-scoped objects (ImageReplicas) live in this namespace.
 DEFAULT_REGION = 65536
 MIN_ROUND_GAP = 0.5  # seconds from one round's start to the next
 DEFAULT_IDLE_SECONDS = 2.0  # the CRD's default for spec.hydration.idleSeconds

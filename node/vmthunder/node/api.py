@@ -21,7 +21,7 @@ from vmthunder.node.iscsi import Chap
 from vmthunder.operator.informer import Informer
 from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, LABEL_NODE, VERSION
 
-EVENTS_NAMESPACE = "default"
+EVENTS_NAMESPACE = "default"  # where Events about cluster-scoped ImageReplicas live
 SECRET_TTL_SECONDS = 30.0  # a rotated CHAP secret is picked up within this
 Obj = dict[str, Any]
 log = logging.getLogger("vmthunder.agent")

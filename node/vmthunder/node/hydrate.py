@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vmthunder.node import blockdev, dm, names
@@ -117,8 +117,8 @@ class QuietGate:
     what is left over is the VMs' and the children's. Pure: the caller supplies the clock."""
 
     idle_seconds: float
-    _foreground: int | None = None
-    _busy_at: float | None = None
+    _foreground: int | None = field(default=None, init=False)
+    _busy_at: float | None = field(default=None, init=False)
 
     def open(self, now: float, device_bytes_read: int, own_bytes_read: int) -> bool:
         foreground = device_bytes_read - own_bytes_read
