@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
-from vmthunder.node.api import concerns, selector_matches
+from vmthunder.node.api import concerns
+from vmthunder.operator.reconcile import selects
 
 
 def replica(image: str, node: str, parent: str, **status: Any) -> dict[str, Any]:
@@ -15,14 +14,12 @@ def replica(image: str, node: str, parent: str, **status: Any) -> dict[str, Any]
             "spec": {"imageCache": image, "parent": parent}, "status": status}
 
 
-def test_equality_selectors_match_labels_and_other_kinds_are_refused() -> None:
+def test_the_watched_replicas_are_filtered_by_all_the_labels_asked_for() -> None:
     labels = {"vmthunder.io/node": "n1", "vmthunder.io/image-cache": "golden"}
-    assert selector_matches("vmthunder.io/node=n1", labels)
-    assert selector_matches("vmthunder.io/node==n1,vmthunder.io/image-cache=golden", labels)
-    assert not selector_matches("vmthunder.io/node=n2", labels)
-    assert not selector_matches("vmthunder.io/zone=a", labels)
-    with pytest.raises(ValueError):
-        selector_matches("vmthunder.io/node in (n1)", labels)
+    assert selects({"vmthunder.io/node": "n1"}, labels)
+    assert selects({"vmthunder.io/node": "n1", "vmthunder.io/image-cache": "golden"}, labels)
+    assert not selects({"vmthunder.io/node": "n2"}, labels)
+    assert not selects({"vmthunder.io/zone": "a"}, labels)
 
 
 def test_a_round_wakes_for_its_own_spec_its_children_and_its_parent_not_for_strangers() -> None:

@@ -41,6 +41,7 @@ from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import IscsiTransport, Transport
 from vmthunder.operator.model import (
     CACHE_CONDITION,
+    LABEL_IMAGE_CACHE,
     LABEL_NODE,
     replica_name,
 )
@@ -322,7 +323,7 @@ class Agent:
             self._round()
 
     def _round(self) -> None:
-        mine = self.kube.replicas(f"{LABEL_NODE}={self.node}")
+        mine = self.kube.replicas({LABEL_NODE: self.node})
         wanted: set[str] = set()
         for r in mine:
             image = str(r["spec"]["imageCache"])
@@ -384,7 +385,7 @@ class Agent:
             parent_status = (pr or {}).get("status")
         parent = parent_address(spec, cspec, parent_status)
         chap = self.kube.chap(cspec.get("chapSecretRef"))
-        siblings = self.kube.replicas(f"vmthunder.io/image-cache={image}")
+        siblings = self.kube.replicas({LABEL_IMAGE_CACHE: image})
         children = children_initiators(self.node, siblings)
         region = int(cspec.get("regionSizeBytes", DEFAULT_REGION))
         size = int(cspec.get("sizeBytes") or (ic.get("status") or {}).get("imageSizeBytes") or 0)

@@ -20,6 +20,7 @@ from typing import Any, cast
 from vmthunder.node.iscsi import Chap
 from vmthunder.operator.informer import Informer
 from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, LABEL_NODE, VERSION
+from vmthunder.operator.reconcile import selects
 
 EVENTS_NAMESPACE = "default"  # where Events about cluster-scoped ImageReplicas live
 SECRET_TTL_SECONDS = 30.0  # a rotated CHAP secret is picked up within this
@@ -46,7 +47,9 @@ class Kube:
                 return None
             raise
 
-    def replicas(self, selector: str) -> list[Obj]:
+    def replicas(self, labels: Mapping[str, str]) -> list[Obj]:
+        """The replicas carrying all of `labels`."""
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
         res = cast(Obj, self.custom.list_cluster_custom_object(
             GROUP, VERSION, IMAGE_REPLICAS, label_selector=selector))
         return list(res.get("items", []))
@@ -89,17 +92,6 @@ class Kube:
 
 
 # --- pure pieces ------------------------------------------------------------------------------
-
-def selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
-    """An equality-based label selector ("k=v,k2=v2", the only kind the agent uses)."""
-    for term in filter(None, (t.strip() for t in selector.split(","))):
-        key, sep, value = term.partition("=")
-        if not sep:
-            raise ValueError(f"unsupported label selector term: {term!r}")
-        if labels.get(key.strip()) != value.lstrip("=").strip():
-            return False
-    return True
-
 
 def image_and_node(replica: Mapping[str, Any]) -> tuple[str, str]:
     spec = replica.get("spec") or {}
@@ -167,9 +159,9 @@ class WatchedKube(Kube):
         if concerns(self.node, self._mine, old, new):
             self.wake.set()
 
-    def replicas(self, selector: str) -> list[Obj]:
+    def replicas(self, labels: Mapping[str, str]) -> list[Obj]:
         return [r for r in self._replicas.values()
-                if selector_matches(selector, (r.get("metadata") or {}).get("labels") or {})]
+                if selects(labels, (r.get("metadata") or {}).get("labels") or {})]
 
     def replica(self, name: str) -> Obj | None:
         return self._replicas.items.get(name)
