@@ -555,7 +555,7 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
         if once:
             return 0
         # The next round when something this node acts on changes, or after `interval` (the
-        # hydration's progress, the kernel's state); never closer than MIN_ROUND_GAP, since
-        # our own status write comes back as news.
+        # hydration's progress, the kernel's state); never closer than MIN_ROUND_GAP, so a burst
+        # of news (children reporting at once) makes one round, not one each.
         time.sleep(max(0.0, MIN_ROUND_GAP - (time.monotonic() - t0)))
         kube.wake.wait(max(0.0, interval - (time.monotonic() - t0)))
