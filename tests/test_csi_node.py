@@ -416,3 +416,69 @@ def test_a_restarted_node_plugin_finds_its_volumes_in_the_kernel(rig: Rig) -> No
     after = rig.guest_python(RESTART_AFTER % {"socket": SOCKET, "vid": vid})
     assert after == {"kept": True, "device_gone": True, "target_gone": True}
     _wait("the ImageVolume to go", lambda: _volume_gone(rig.custom, vid), timeout=60)
+
+
+HELD = """
+import json, os, threading, time
+import kubernetes
+from vmthunder.csi.client import connect
+from vmthunder.csi.proto import csi_pb2
+
+REPLICA = "%(replica)s"
+custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config())
+
+def phase(p):
+    custom.patch_cluster_custom_object_status(
+        "vmthunder.io", "v1alpha1", "imagereplicas", REPLICA, {"status": {"phase": p}})
+
+c = connect("unix://%(socket)s")
+block = csi_pb2.VolumeCapability(
+    block=csi_pb2.VolumeCapability.BlockVolume(),
+    access_mode=csi_pb2.VolumeCapability.AccessMode(
+        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+phase("Prefetching")
+vid = c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+    name="pvc-held", parameters={"imageCache": "%(image)s"}, volume_capabilities=[block]),
+    timeout=120).volume.volume_id
+outcome = {}
+
+def stage():
+    try:
+        c.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path="/tmp/held", volume_capability=block),
+            timeout=120)
+        outcome["ok"] = time.monotonic()
+    except Exception as e:
+        outcome["error"] = str(e)
+
+t = threading.Thread(target=stage)
+t.start()
+cow = "/dev/mapper/vmt-vol-" + vid
+deadline = time.monotonic() + 50
+while not os.path.exists(cow) and time.monotonic() < deadline:
+    time.sleep(0.2)
+built_while_held = os.path.exists(cow)
+time.sleep(3)
+returned_while_held = dict(outcome)
+released = time.monotonic()
+phase("Hydrating")
+t.join()
+c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+    volume_id=vid, staging_target_path="/tmp/held"), timeout=60)
+c.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=60)
+phase("Attached")
+print(json.dumps({"built_while_held": built_while_held,
+                  "returned_while_held": returned_while_held,
+                  "staged_after_release_s": outcome["ok"] - released if "ok" in outcome else None,
+                  "error": outcome.get("error")}))
+"""
+
+
+def test_stage_builds_the_volume_but_holds_it_while_the_boot_set_is_prefetched(rig: Rig) -> None:
+    out = rig.guest_python(HELD % {"socket": SOCKET, "image": IMAGE,
+                                   "replica": f"{IMAGE}.{rig.node.name}"}, timeout=300)
+    # The copy-on-write device is built at once; NodeStage returns only when the agent
+    # reports the boot profile local (here: the phase moves on), within a watch's latency.
+    assert out["built_while_held"], out
+    assert out["returned_while_held"] == {}, out
+    assert out["error"] is None and out["staged_after_release_s"] < 10, out

@@ -20,8 +20,9 @@ import pytest
 from fault_table import record
 
 from vmthunder.lab.lab import Guest
-from vmthunder.lab.provision import HYDRATED, Options, Rig, Run
+from vmthunder.lab.provision import Options, Rig, Run
 from vmthunder.node import labdrive, names
+from vmthunder.operator.model import HYDRATED_PHASES
 from vmthunder.operator.reconcile import HEARTBEAT_STALE_AFTER
 
 
@@ -84,7 +85,7 @@ def test_vms_under_a_killed_parent_finish_booting_with_the_image_s_exact_bytes(
     record("parent killed under 2 booting VMs",
            survived=all(n.read_error is None and n.sha_ok for n in survivors),
            bytes_verified=len(survivors) * rig.profile.bytes_read)
-    assert k.parent_phase not in HYDRATED
+    assert k.parent_phase not in HYDRATED_PHASES
     for n in survivors:
         assert n.read_error is None and n.sha_ok, (n, rig.logs())
         assert n.reads == len(rig.profile.reads)

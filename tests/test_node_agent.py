@@ -90,6 +90,12 @@ def test_phases_follow_the_cache_layer() -> None:
     assert plan_phase(CacheState("caching", 10, 10), True, 3, None) == "Hydrated"
     assert plan_phase(CacheState("detached"), True, 0, None) == "Detached"
     assert plan_phase(CacheState("caching", 3, 10), True, 3, "boom") == "Failed"
+    # While the boot profile is prefetched, volumes wait: the phase says so, and gives way to
+    # a complete cache, a failure, or (holding=False) the end of the prefetch or of the hold.
+    assert plan_phase(CacheState("caching", 0, 10), True, 0, None, True) == "Prefetching"
+    assert plan_phase(CacheState("caching", 3, 10), True, 3, None, True) == "Prefetching"
+    assert plan_phase(CacheState("caching", 10, 10), True, 3, None, True) == "Hydrated"
+    assert plan_phase(CacheState("caching", 3, 10), True, 3, "boom", True) == "Failed"
 
 
 def report(cache: CacheState, from_parent: int) -> Report:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from vmthunder.node import lio, names, stack
 from vmthunder.node.cache import CacheState, runs
 from vmthunder.node.hydrate import (
+    Hydrator,
     QuietGate,
     Read,
     background_threshold,
@@ -175,6 +176,26 @@ def test_background_waits_until_no_read_but_its_own_for_the_idle_time() -> None:
     assert not gate.open(3.5, 5 * MIB, 4 * MIB)  # quiet, but not for 2 s yet
     assert gate.open(4.0, 5 * MIB, 4 * MIB)
     assert not gate.open(4.5, 9 * MIB, 4 * MIB)  # reads again: shut again
+
+
+def test_volumes_are_held_while_the_profile_is_prefetched_until_the_hold_ends() -> None:
+    import time
+    from typing import Any, cast
+
+    def hydrator(hold_until: float) -> Hydrator:  # not started: only its bookkeeping
+        return Hydrator("img", cast(Any, None), size=10 * MIB, region_bytes=MIB,
+                        profile=[4, 1, 7], queue_depth=8, throttle=0, hold_until=hold_until)
+
+    h = hydrator(time.monotonic() + 60)
+    assert h.holding()
+    h.hydrated_in_order = 2
+    assert h.holding()  # part of the profile is still remote
+    h.hydrated_in_order = 3
+    assert not h.holding()  # the boot set is local
+    assert not hydrator(time.monotonic() - 1).holding()  # the hold has run out
+    failed = hydrator(time.monotonic() + 60)
+    failed.error = "OSError: parent gone"
+    assert not failed.holding()
 
 
 def test_recorded_lab_profile_format_is_read_and_its_checksum_enforced() -> None:

@@ -11,20 +11,22 @@ from vmthunder.node.names import cache_dev as image_device_name
 from vmthunder.node.names import volume_dev as volume_device_name
 from vmthunder.operator.model import (
     API_VERSION,
+    ATTACHED_REPLICA_PHASES,
     GROUP,
     IMAGE_CACHES,
     IMAGE_REPLICAS,
     IMAGE_VOLUMES,
     LABEL_IMAGE_CACHE,
     LABEL_NODE,
+    USABLE_REPLICA_PHASES,
     VERSION,
     replica_name,
 )
 
 __all__ = [
-    "API_VERSION", "GROUP", "IMAGE_CACHES", "IMAGE_REPLICAS", "IMAGE_VOLUMES",
-    "LABEL_IMAGE_CACHE", "LABEL_NODE", "VERSION", "image_device_name", "replica_name",
-    "volume_device_name",
+    "API_VERSION", "ATTACHED_REPLICA_PHASES", "GROUP", "IMAGE_CACHES", "IMAGE_REPLICAS",
+    "IMAGE_VOLUMES", "LABEL_IMAGE_CACHE", "LABEL_NODE", "USABLE_REPLICA_PHASES", "VERSION",
+    "image_device_name", "replica_name", "volume_device_name",
 ]
 
 DRIVER_NAME: Final = "csi.vmthunder.io"
@@ -37,10 +39,6 @@ FINALIZER_COW_DATA: Final = "vmthunder.io/cow-data"
 PARAM_IMAGE_CACHE: Final = "imageCache"
 # external-provisioner's own keys (csi.storage.k8s.io/fstype ...) reach us in some setups.
 PARAM_RESERVED_PREFIX: Final = "csi.storage.k8s.io/"
-
-# Replica phases in which the image device is usable (the node reads through to its parent
-# until hydrated; a VM need not wait for hydration).
-USABLE_REPLICA_PHASES: Final = frozenset({"Attached", "Hydrating", "Hydrated", "Detached"})
 
 _VOLUME_ID = re.compile(r"^[0-9a-f]{32}$")
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"

@@ -25,7 +25,12 @@ from vmthunder.csi import capabilities, mount
 from vmthunder.csi.backend import BackendError, CowDevice, CowSpec, NodeBackend, NotStaged
 from vmthunder.csi.errors import CsiError, invalid, not_found
 from vmthunder.csi.kube import KubeState, Volume, wait_for
-from vmthunder.csi.names import FINALIZER_COW_DATA, TOPOLOGY_KEY, USABLE_REPLICA_PHASES
+from vmthunder.csi.names import (
+    ATTACHED_REPLICA_PHASES,
+    FINALIZER_COW_DATA,
+    TOPOLOGY_KEY,
+    USABLE_REPLICA_PHASES,
+)
 from vmthunder.csi.proto import csi_pb2, csi_pb2_grpc
 
 RPC = csi_pb2.NodeServiceCapability.RPC
@@ -113,20 +118,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                f"volume {volume_id} lives on node {volume.node}")
             # Before any data exists, so a deleted volume's data is always freed.
             self.state.add_finalizer(volume_id)
-            image_device = self._wait_for_image(volume)
+            deadline = time.monotonic() + self.stage_wait
+            image_device = self._wait_for_image(volume, deadline)
             device = self._backend(lambda: self.backend.stage(
                 CowSpec(volume_id, image_device, volume.capacity_bytes)))
+            # Built while the boot set is prefetched; kubelet starts nothing before we return.
+            self._wait_for_boot_set(volume, deadline)
             if cap.HasField("mount"):
                 self._stage_filesystem(device, staging, cap)
             self.state.set_phase(volume_id, "Staged")
         return csi_pb2.NodeStageVolumeResponse()
 
-    def _wait_for_image(self, volume: Volume) -> str:
-        """The image device, once the node agent reports the replica Attached (or later)."""
-        deadline = time.monotonic() + self.stage_wait
+    def _wait_for_image(self, volume: Volume, deadline: float) -> str:
+        """The image device, once the node agent reports the replica attached."""
         usable, phase = self.state.wait_replica_phase(
-            volume.image_cache, self.node_id, lambda p: p in USABLE_REPLICA_PHASES,
-            self.stage_wait)
+            volume.image_cache, self.node_id, lambda p: p in ATTACHED_REPLICA_PHASES,
+            max(0.0, deadline - time.monotonic()))
         found: list[str] = []
 
         def device() -> bool:  # the agent reports Attached after building it: at once, mostly
@@ -143,6 +150,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 f"(phase {phase or 'none'}); retry",
             )
         return found[-1]
+
+    def _wait_for_boot_set(self, volume: Volume, deadline: float) -> None:
+        """Until the agent has prefetched the boot profile (or stopped holding volumes for it),
+        so the VM's boot reads find their blocks local."""
+        usable, phase = self.state.wait_replica_phase(
+            volume.image_cache, self.node_id, lambda p: p in USABLE_REPLICA_PHASES,
+            max(0.0, deadline - time.monotonic()))
+        if not usable:
+            raise CsiError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the replica of {volume.image_cache} on {self.node_id} is not ready for a VM "
+                f"yet (phase {phase or 'none'}: the boot profile is prefetched first); retry",
+            )
 
     def _stage_filesystem(self, device: CowDevice, staging: str,
                           cap: csi_pb2.VolumeCapability) -> None:

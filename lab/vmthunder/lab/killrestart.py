@@ -41,10 +41,7 @@ from vmthunder.lab.lab import CACHE, Guest
 from vmthunder.lab.provision import (
     CACHE_DIR,
     CSI_SOCKET,
-    GROUP,
     NAMESPACE,
-    USABLE,
-    VERSION,
     Rig,
     guest_env,
     guest_python,
@@ -55,6 +52,7 @@ from vmthunder.lab.provision import (
 )
 from vmthunder.node import names
 from vmthunder.node.labdrive import start_shell, wait_shell
+from vmthunder.operator.model import GROUP, USABLE_REPLICA_PHASES, VERSION
 
 COMPONENTS = ("agent", "csi-node", "csi-controller", "operator")
 GUEST_COMPONENTS = {"agent": "vmthunder.cli agent", "csi-node": "vmthunder.cli csi"}
@@ -353,7 +351,7 @@ def api_problems(world: World, nodes: Sequence[str], caches: Iterable[str],
             r = mine.get(n)
             if r is None:
                 p.missing.append(f"ImageReplica {image}.{n}: none")
-            elif r.phase not in USABLE or not r.ready:
+            elif r.phase not in USABLE_REPLICA_PHASES or not r.ready:
                 p.missing.append(f"ImageReplica {image}.{n}: phase {r.phase or '-'}, "
                                  f"ready {r.ready}")
         parents = {r.node: r.parent for r in mine.values()}

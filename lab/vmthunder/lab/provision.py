@@ -43,8 +43,13 @@ from vmthunder.lab.controlplane import ControlPlane, start_control_plane
 from vmthunder.lab.lab import DEFAULT_RATE_MBIT, REPO, Guest, Lab
 from vmthunder.lab.profile import BootProfile, load_profile
 from vmthunder.lab.replay import DEFAULT_GAP_SCALE, expected_digest
+from vmthunder.operator.model import (
+    ATTACHED_REPLICA_PHASES,
+    GROUP,
+    HYDRATED_PHASES,
+    VERSION,
+)
 
-GROUP, VERSION = "vmthunder.io", "v1alpha1"
 NAMESPACE = "vmthunder"
 TOPOLOGY_KEY = "topology.vmthunder.io/node"
 ORIGIN = "@origin"
@@ -57,8 +62,6 @@ REAL_BOOT_NBD_PORT = 10809
 # Every guest starts its agent and CSI node plugin at once, all on 2 emulated cores: at N = 8,
 # Python's imports over 9p under TCG take minutes.
 NODE_READY_TIMEOUT = 600
-USABLE = ("Attached", "Hydrating", "Hydrated", "Detached")
-HYDRATED = ("Hydrated", "Detached")
 
 
 class ProvisionError(RuntimeError):
@@ -99,7 +102,7 @@ class NodeRun:
     parent: str = ""
     depth: int = 0
     created: float | None = None  # CreateVolume returned
-    attached: float | None = None  # replica first seen in a usable phase
+    attached: float | None = None  # replica first seen attached (its image device built)
     staged: float | None = None
     published: float | None = None
     first_byte: float | None = None
@@ -728,9 +731,9 @@ class Rig:
                 nr.depth = int(spec.get("depth", 0))
                 phase = str(st.get("phase", ""))
                 nr.phase = phase
-                if phase in USABLE and nr.attached is None:
+                if phase in ATTACHED_REPLICA_PHASES and nr.attached is None:
                     nr.attached = now
-                if phase in HYDRATED and nr.hydrated is None:
+                if phase in HYDRATED_PHASES and nr.hydrated is None:
                     nr.hydrated = now
                 if phase == "Detached" and nr.detached is None:
                     nr.detached = now

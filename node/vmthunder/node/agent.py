@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +43,7 @@ from vmthunder.operator.model import (
     CACHE_CONDITION,
     LABEL_IMAGE_CACHE,
     LABEL_NODE,
+    USABLE_REPLICA_PHASES,
     replica_name,
 )
 
@@ -51,6 +52,7 @@ INITIATOR_CONDITION = "Initiator"
 DEFAULT_REGION = 65536
 MIN_ROUND_GAP = 0.5  # seconds from one round's start to the next
 DEFAULT_IDLE_SECONDS = 2.0  # the CRD's default for spec.hydration.idleSeconds
+DEFAULT_HOLD_SECONDS = 60.0  # the CRD's default for spec.prefetch.holdSeconds
 RESYNC_SECONDS = 30.0  # a converged image's whole stack is re-read at least this often
 HEARTBEAT_SECONDS = 15.0  # an unchanged status is rewritten this often (stale after 60 s)
 REINSTATE_BACKOFF_MAX = 60.0
@@ -88,7 +90,8 @@ def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tup
 
 
 def plan_phase(cache: CacheState, has_parent: bool, hydrated_in_order: int,
-               error: str | None) -> str:
+               error: str | None, holding: bool = False) -> str:
+    """`holding`: the boot profile is still being prefetched and volumes wait for it."""
     if error:
         return "Failed"
     if cache.kind == "detached":
@@ -99,6 +102,8 @@ def plan_phase(cache: CacheState, has_parent: bool, hydrated_in_order: int,
         return "Attached"  # usable: reads go to the parent
     if cache.complete:
         return "Hydrated"
+    if holding:
+        return "Prefetching"
     if cache.hydrated == 0 and hydrated_in_order == 0:
         return "Attached"
     return "Hydrating"
@@ -149,7 +154,7 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
     cached = cache_condition(r)
     if cached is not None:
         conditions.append(cached)
-    ready = r.phase in ("Attached", "Hydrating", "Hydrated", "Detached")
+    ready = r.phase in USABLE_REPLICA_PHASES
     conditions.append({"type": "Ready", "status": "True" if ready else "False",
                        "reason": r.phase, "message": r.message[:1000]})
     total = r.cache.total
@@ -301,7 +306,8 @@ def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
 class Agent:
     def __init__(self, node: str, kube: Kube, backend: CacheBackend, transport: Transport,
                  export_ip: str, *, initiator: str | None = None, multipath: bool = True,
-                 profile_file: str | None = None) -> None:
+                 profile_file: str | None = None,
+                 news: Callable[[], None] = lambda: None) -> None:
         self.node = node
         self.kube = kube
         self.backend = backend
@@ -310,7 +316,11 @@ class Agent:
         self.initiator = initiator or iscsi.initiator_name()
         self.multipath = multipath
         self.profile_file = profile_file
+        self.news = news  # wakes the loop for a round now (a prefetch done releases volumes)
         self.hydrators: dict[str, Hydrator] = {}
+        # per image: until when volumes wait for the boot profile's prefetch; one deadline for
+        # all the image's hydrators, so a failing one cannot hold volumes back for ever
+        self.hold_until: dict[str, float] = {}
         self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
         self.statuses: dict[str, dict[str, Any]] = {}  # per image: the status last written
         self.converged: dict[str, Converged] = {}
@@ -363,6 +373,7 @@ class Agent:
         if users:
             log.info("keeping %s: volumes still use it (%s)", image, users)
             return False
+        self.hold_until.pop(image, None)
         h = self.hydrators.pop(image, None)
         if h:
             h.stop()
@@ -444,7 +455,7 @@ class Agent:
         c = stack.counters(image)
         rep = Report(
             phase=plan_phase(cache, parent is not None, h.hydrated_in_order if h else 0,
-                             h.error if h else None),
+                             h.error if h else None, h is not None and h.holding()),
             cache=cache, bytes_from_parent=c.bytes_from_parent, bytes_served=c.bytes_served,
             hydrated_in_order=h.hydrated_in_order if h else 0,
             export=TargetAddress(f"{self.export_ip}:3260", names.export_iqn(image, self.node)),
@@ -498,7 +509,9 @@ class Agent:
                      queue_depth=int(prefetch.get("queueDepth", 8)),
                      throttle=int(hydration.get("throttleBytesPerSecond", 0)),
                      idle_seconds=float(hydration.get("idleSeconds", DEFAULT_IDLE_SECONDS)),
-                     upstream=upstream)
+                     hold_until=self.hold_until.setdefault(image, time.monotonic() + float(
+                         prefetch.get("holdSeconds", DEFAULT_HOLD_SECONDS))),
+                     upstream=upstream, on_prefetched=self.news)
         h.start()
         self.hydrators[image] = h
         return h
@@ -541,7 +554,7 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
     # (queue_if_no_path) until a new parent's path is loaded; without it the SCSI layer queues.
     tmo = replacement_timeout if replacement_timeout is not None else (5 if multipath else 600)
     agent = Agent(node, kube, make_backend(backend, cache_dir), IscsiTransport(tmo), export_ip,
-                  multipath=multipath, profile_file=profile_file)
+                  multipath=multipath, profile_file=profile_file, news=kube.wake.set)
     if metrics_port:
         metrics.register(lambda: dict(agent.statuses))
         start_http_server(metrics_port)

@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,7 +160,9 @@ class Hydrator(threading.Thread):
 
     def __init__(self, image: str, backend: CacheBackend, *, size: int, region_bytes: int,
                  profile: Sequence[int], queue_depth: int, throttle: int,
-                 idle_seconds: float = 0.0, upstream: Upstream = UNLIMITED) -> None:
+                 idle_seconds: float = 0.0, hold_until: float = 0.0,
+                 upstream: Upstream = UNLIMITED,
+                 on_prefetched: Callable[[], None] = lambda: None) -> None:
         super().__init__(name=f"hydrate-{image}", daemon=True)
         self.image = image
         self.backend = backend
@@ -171,6 +173,8 @@ class Hydrator(threading.Thread):
         self.throttle = throttle
         self.upstream = upstream
         self.quiet = QuietGate(idle_seconds)
+        self.hold_until = hold_until  # time.monotonic()'s clock
+        self.on_prefetched = on_prefetched
         self.bytes_read = 0  # through vmt-<image>, by this walk: not the VMs' or children's
         self.hydrated_in_order = 0
         self.prefetch_seconds = 0.0
@@ -180,6 +184,14 @@ class Hydrator(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def holding(self) -> bool:
+        """Whether volumes should still wait for the boot profile to be local: it is being
+        prefetched, until `hold_until` at most. A VM that starts earlier overtakes the prefetch,
+        and a dm-clone cache passes its reads through uncached, so those regions cross the
+        links twice and the boot reads at the tree's pace instead of the local disk's."""
+        return (self.error is None and self.hydrated_in_order < len(self.profile)
+                and time.monotonic() < self.hold_until)
 
     def run(self) -> None:
         try:
@@ -236,6 +248,7 @@ class Hydrator(threading.Thread):
             self.hydrated_in_order = end
             if prefetching and end >= len(self.profile):
                 self.prefetch_seconds = time.monotonic() - t0
+                self.on_prefetched()
             if not prefetching and self.throttle:
                 self.stopping.wait(1.0)
 

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-PHASES = ("Pending", "Attaching", "Attached", "Hydrating", "Hydrated", "Detached", "Failed")
+from vmthunder.operator.model import REPLICA_PHASES
 
 ROUND_SECONDS = Histogram(
     "vmthunder_agent_round_seconds", "One reconcile round of the node agent",
@@ -47,7 +47,7 @@ class ReplicaCollector(Collector):
             total.add_metric([image], int(s.get("totalRegions", 0)))
             from_parent.add_metric([image], int(s.get("bytesFromParent", 0)))
             served.add_metric([image], int(s.get("bytesServed", 0)))
-            for p in PHASES:
+            for p in REPLICA_PHASES:
                 phase.add_metric([image, p], 1 if s.get("phase") == p else 0)
         yield from (hydrated, total, from_parent, served, phase)
 

@@ -19,9 +19,16 @@ LABEL_NODE: Final = "vmthunder.io/node"
 
 # Phases of a replica, in the order a node goes through them.
 REPLICA_PHASES: Final = (
-    "Pending", "Attaching", "Attached", "Hydrating", "Hydrated", "Detached", "Failed",
+    "Pending", "Attaching", "Prefetching", "Attached", "Hydrating", "Hydrated", "Detached",
+    "Failed",
 )
 HYDRATED_PHASES: Final = frozenset({"Hydrated", "Detached"})
+# Volumes may start: the image device exists and the boot profile's regions are local (or no
+# longer waited for). A node reads through to its parent until hydrated.
+USABLE_REPLICA_PHASES: Final = frozenset({"Attached", "Hydrating", "Hydrated", "Detached"})
+# The image device exists; while Prefetching, volumes are built but their VMs wait, so the
+# boot reads find the boot set local instead of racing the prefetch up the tree.
+ATTACHED_REPLICA_PHASES: Final = USABLE_REPLICA_PHASES | {"Prefetching"}
 # A replica's condition: False while its node has no room for the cache and passes reads
 # through to its parent (it then takes no children).
 CACHE_CONDITION: Final = "Cached"
