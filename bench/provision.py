@@ -190,7 +190,7 @@ def print_table(rows: list[dict[str, Any]], image_size: int) -> None:
 def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
             records: list[dict[str, Any]]) -> None:
     opts = Options(nodes=n, gap_scale=a.gap_scale, rate_mbit=a.rate_mbit, live=False,
-                   fanout=a.fanout, origin_fanout=a.origin_fanout)
+                   fanout=a.fanout, origin_fanout=a.origin_fanout, hold_seconds=a.hold_seconds)
     t0 = time.monotonic()
     rig = Rig.start(opts)
     print(f"N={n}: lab + services up in {time.monotonic() - t0:.0f} s", flush=True)
@@ -253,6 +253,8 @@ def main() -> int:
     p.add_argument("--rate-mbit", type=int, default=DEFAULT_RATE_MBIT)
     p.add_argument("--fanout", type=int, default=2)
     p.add_argument("--origin-fanout", type=int, default=1)
+    p.add_argument("--hold-seconds", type=int, default=None,
+                   help="ImageCache spec.prefetch.holdSeconds (default: the CRD's)")
     p.add_argument("--copy-max-n", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1]
                    / "results" / "bench-provision.json")

@@ -34,8 +34,8 @@ def run_demo(args: argparse.Namespace) -> int:
     options = Options(
         nodes=args.nodes or DEFAULT_NODES, image=args.image, fanout=args.fanout or 2,
         origin_fanout=args.origin_fanout, gap_scale=args.gap_scale,
-        prefetch=not args.no_prefetch, real_boot=args.real_boot, rate_mbit=args.rate_mbit,
-        hydrate_timeout=args.hydrate_timeout, results=Path(args.results),
+        prefetch=not args.no_prefetch, hold_seconds=args.hold_seconds, real_boot=args.real_boot,
+        rate_mbit=args.rate_mbit, hydrate_timeout=args.hydrate_timeout, results=Path(args.results),
     )
     try:
         return run_provision(options)
@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gap-scale", type=float, default=DEFAULT_GAP_SCALE,
                    help="factor on the recorded (TCG) compute gaps of the replayed boot")
     p.add_argument("--no-prefetch", action="store_true", help="on demand only")
+    p.add_argument("--hold-seconds", type=int, default=None,
+                   help="how long volumes wait for their node's boot-profile prefetch "
+                        "(ImageCache spec.prefetch.holdSeconds; default the CRD's, 60; 0: none)")
     p.add_argument("--real-boot", action="store_true",
                    help="boot the golden image for real (qemu TCG on the host, disk = the "
                         "node's published volume over NBD) instead of replaying its recorded "

@@ -76,6 +76,7 @@ class Options:
     origin_fanout: int = 1
     gap_scale: float = DEFAULT_GAP_SCALE
     prefetch: bool = True
+    hold_seconds: int | None = None  # ImageCache spec.prefetch.holdSeconds; None: its default
     real_boot: bool = False  # boot the golden image in qemu on the host from the node's volume
     rate_mbit: int = DEFAULT_RATE_MBIT
     hydrate_timeout: float = 240.0  # how long to wait for every cache to be complete
@@ -119,6 +120,13 @@ class NodeRun:
     hydrated_regions: int = 0
     total_regions: int = 0
     phase: str = ""
+    # By the time all VMs had booted (one status of the replica): bytes read from the parent,
+    # and bytes the cache held. Each block crosses each link once when they are equal.
+    storm_from_parent: int = 0
+    storm_cached: int = 0
+
+    def cached_bytes(self, image_size: int) -> int:
+        return image_size * self.hydrated_regions // self.total_regions if self.total_regions else 0
 
     @property
     def boot_seconds(self) -> float | None:
@@ -559,7 +567,8 @@ class Rig:
                 "source": {"iscsi": {"portal": t.portal, "iqn": t.iqn, "lun": 0}},
                 "sizeBytes": t.size, "fanout": o.fanout, "originFanout": o.origin_fanout,
                 "prefetch": {"enabled": prefetch, "profileConfigMap": {
-                    "name": "golden-boot-profile", "namespace": NAMESPACE}},
+                    "name": "golden-boot-profile", "namespace": NAMESPACE},
+                    **({} if o.hold_seconds is None else {"holdSeconds": o.hold_seconds})},
                 "detachPolicy": "WhenHydrated",
                 "chapSecretRef": {"name": "golden-chap", "namespace": NAMESPACE},
             },
@@ -633,6 +642,9 @@ class Rig:
             if injector is not None:
                 injector.join(60)
             run.origin_bytes_at_all_booted = self.origin_bytes() - origin0
+            for nr in runs.values():
+                nr.storm_from_parent, nr.storm_cached = nr.bytes_from_parent, nr.cached_bytes(
+                    self.profile.image_size)
             if wait_hydrated:
                 deadline = time.monotonic() + o.hydrate_timeout
                 while time.monotonic() < deadline and not all(
@@ -902,6 +914,9 @@ def report(run: Run, out: TextIO = sys.stdout) -> None:
     print(f"origin served {run.origin_bytes / 1e6:.1f} MB ({run.origin_bytes / img:.2f} images;"
           f" {run.origin_bytes_at_all_booted / 1e6:.1f} MB by the time all had booted); "
           f"max node egress {s['max_node_egress'] / 1e6:.1f} MB", file=out)
+    print("by the time all had booted, MB from the parent / MB cached: " + ", ".join(
+        f"{n.node} {n.storm_from_parent / 1e6:.1f}/{n.storm_cached / 1e6:.1f}"
+        for n in run.nodes), file=out)
 
 
 def write_results(run: Run, folder: Path, stem: str) -> tuple[Path, Path | None]:
