@@ -57,3 +57,12 @@ def test_multipath_status_names_the_failed_paths() -> None:
     # queue-length selector: one info value per path; two groups
     assert failed("2 0 0 0 2 1 A 0 1 1 8:0 F 1 0 E 0 1 1 8:32 A 0 3") == frozenset({"8:0"})
     assert failed("2 0 0 0 1 1 A 0 1 0 8:0 A 0") == frozenset()
+
+
+def test_stats_keep_only_the_areas_that_saw_io() -> None:
+    out = ("0+128 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+           "128+128 3 0 24 1 0 0 0 0 0 2 2 0 0\n"
+           "256+128 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+           "384+128 1 0 8 0 2 0 16 1 0 1 1 0 0\n")
+    assert dm.parse_stats(out) == [dm.AreaCounters(128, 128, 3, 24, 0, 0),
+                                   dm.AreaCounters(384, 128, 1, 8, 2, 16)]

@@ -11,6 +11,7 @@ from vmthunder.node.hydrate import (
     background_threshold,
     parse_profile,
     plan_prefetch,
+    plan_read_regions,
 )
 from vmthunder.node.iscsi import TargetAddress
 
@@ -176,6 +177,16 @@ def test_background_waits_until_no_read_but_its_own_for_the_idle_time() -> None:
     assert not gate.open(3.5, 5 * MIB, 4 * MIB)  # quiet, but not for 2 s yet
     assert gate.open(4.0, 5 * MIB, 4 * MIB)
     assert not gate.open(4.5, 9 * MIB, 4 * MIB)  # reads again: shut again
+
+
+def test_only_regions_read_and_not_yet_local_are_hydrated_for_their_reads() -> None:
+    from vmthunder.node.dm import AreaCounters
+
+    areas = [AreaCounters(0, 128, 2, 16, 0, 0),  # region 0: read, held already
+             AreaCounters(128, 128, 1, 8, 0, 0),  # region 1: read by a VM, not held
+             AreaCounters(256, 128, 1, 128, 1, 128)]  # region 2: our own read + write-back
+    assert plan_read_regions(areas, 65536) == [0, 1]
+    assert plan_read_regions(areas, 65536, held=lambda r: r == 0) == [1]
 
 
 def test_volumes_are_held_while_the_profile_is_prefetched_until_the_hold_ends() -> None:

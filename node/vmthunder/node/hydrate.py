@@ -90,10 +90,13 @@ def plan_prefetch(reads: Iterable[Read], region_bytes: int, size: int) -> list[i
     return order
 
 
-def plan_read_regions(areas: Sequence[dm.AreaCounters], region_bytes: int) -> list[int]:
-    """Regions that saw reads but no writes since the last look (the agent's own hydration
-    writes back what it reads, so reads without writes are the VMs' and the children's)."""
-    return [a.start * 512 // region_bytes for a in areas if a.reads > 0 and a.writes == 0]
+def plan_read_regions(areas: Sequence[dm.AreaCounters], region_bytes: int,
+                      held: Callable[[int], bool] = lambda region: False) -> list[int]:
+    """Regions that saw reads but no writes since the last look, and are not `held` yet (the
+    agent's own hydration writes back what it reads, so reads without writes are the VMs' and
+    the children's; a region already local needs nothing, however often children read it)."""
+    return [r for a in areas if a.reads > 0 and a.writes == 0
+            and not held(r := a.start * 512 // region_bytes)]
 
 
 def background_threshold(throttle_bytes_per_second: int, region_bytes: int) -> int:
@@ -209,6 +212,12 @@ class Hydrator(threading.Thread):
         stats_id = self._stats(name)
         order = hydration_order(self.profile, -(-self.size // self.region_bytes))
         self.hydrated_in_order = self._resume(len(order))
+        position = {r: i for i, r in enumerate(order)}
+        kept: set[int] = set()  # made local because something read them, out of order
+
+        def held(r: int) -> bool:
+            return position.get(r, len(order)) < self.hydrated_in_order or r in kept
+
         t0 = time.monotonic()
         looked = 0.0
         while not self.stopping.is_set():
@@ -218,12 +227,15 @@ class Hydrator(threading.Thread):
                 if st.kind != "caching" or st.complete:
                     return
                 looked = time.monotonic()
-                if stats_id is not None:
+                # While volumes wait for the prefetch, nothing but children reads (and they
+                # read only what this node holds): the look is skipped, its counters kept.
+                if stats_id is not None and not self.holding():
                     hot = plan_read_regions(dm.stats_print(name, stats_id, clear_after=True),
-                                            self.region_bytes)
+                                            self.region_bytes, held)
                     if hot:
                         self.bytes_read += self.backend.hydrate(
                             self.image, hot, self.region_bytes, self.size, self.queue_depth)
+                        kept.update(hot)
             done = self.hydrated_in_order
             prefetching = done < len(self.profile)
             quiet = self._quiet(name)  # looked at while prefetching too, to know the reads then
