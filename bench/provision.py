@@ -13,6 +13,8 @@ one control plane, and in it, one after the other (the same guests, the same sha
                       its local copy (what CDI import/clone does); skipped above --copy-max-n
                       (its time is N x image / origin link, whatever the rest does)
   local               every VM boots from the image already on its node's disk: the floor
+  vmthunder+prefetch-nohold  (only when asked) the same, volumes not waiting for the prefetch
+                      (ImageCache prefetch.holdSeconds 0): what the hold gains
   real-boot           (only when asked) vmthunder+prefetch, the golden image booted for real
                       in qemu TCG on the host from each node's published volume over NBD
   replay-x1           (only when asked) vmthunder+prefetch replayed with the recorded gaps
@@ -60,6 +62,9 @@ MODES = ("vmthunder", "vmthunder+prefetch", "storage-server", "copy-first", "loc
 # Replay against the real thing (issue 7: agree within 20% at N = 2): the golden image booted
 # in qemu on the host from each node's volume, and the replay with the recording's own gaps.
 CHECKS = ("real-boot", "replay-x1")
+# vmthunder+prefetch with volumes not held for the prefetch (ImageCache prefetch.holdSeconds
+# 0): what the hold gains, in the same lab.
+NO_HOLD = "vmthunder+prefetch-nohold"
 COPY = f"{CACHE_DIR}/copy.img"
 LOCAL = f"{CACHE_DIR}/local.img"
 
@@ -196,7 +201,7 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
     print(f"N={n}: lab + services up in {time.monotonic() - t0:.0f} s", flush=True)
     try:
         runs: dict[str, Run] = {}
-        order = [m for m in ("local", *MODES[:-1], *CHECKS) if m in a.modes]
+        order = [m for m in ("local", *MODES[:-1], NO_HOLD, *CHECKS) if m in a.modes]
         for mode in order:
             t1 = time.monotonic()
             cleanup = ""  # the ImageCache a VMThunder mode leaves to delete
@@ -214,6 +219,14 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
                     finally:
                         rig.options = base
                     cleanup = mode
+                elif mode == NO_HOLD:
+                    base = rig.options
+                    rig.options = replace(base, hold_seconds=0)
+                    try:
+                        run = rig.provision("nohold", wait_hydrated=False, mode=mode)
+                    finally:
+                        rig.options = base
+                    cleanup = "nohold"
                 elif mode.startswith("vmthunder"):
                     cleanup = "ondemand" if mode == "vmthunder" else "prefetch"
                     run = rig.provision(cleanup, prefetch=mode != "vmthunder",
@@ -248,7 +261,7 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + CHECKS)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=(*MODES, NO_HOLD, *CHECKS))
     p.add_argument("--gap-scale", type=float, default=DEFAULT_GAP_SCALE)
     p.add_argument("--rate-mbit", type=int, default=DEFAULT_RATE_MBIT)
     p.add_argument("--fanout", type=int, default=2)
