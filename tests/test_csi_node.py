@@ -436,7 +436,6 @@ block = csi_pb2.VolumeCapability(
     block=csi_pb2.VolumeCapability.BlockVolume(),
     access_mode=csi_pb2.VolumeCapability.AccessMode(
         mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
-phase("Prefetching")
 vid = c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
     name="pvc-held", parameters={"imageCache": "%(image)s"}, volume_capabilities=[block]),
     timeout=120).volume.volume_id
@@ -451,22 +450,25 @@ def stage():
     except Exception as e:
         outcome["error"] = str(e)
 
-t = threading.Thread(target=stage)
-t.start()
-cow = "/dev/mapper/vmt-vol-" + vid
-deadline = time.monotonic() + 50
-while not os.path.exists(cow) and time.monotonic() < deadline:
-    time.sleep(0.2)
-built_while_held = os.path.exists(cow)
-time.sleep(3)
-returned_while_held = dict(outcome)
-released = time.monotonic()
-phase("Hydrating")
-t.join()
+phase("Prefetching")
+try:
+    t = threading.Thread(target=stage)
+    t.start()
+    cow = "/dev/mapper/vmt-vol-" + vid
+    deadline = time.monotonic() + 50
+    while not os.path.exists(cow) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    built_while_held = os.path.exists(cow)
+    time.sleep(3)
+    returned_while_held = dict(outcome)
+    released = time.monotonic()
+    phase("Hydrating")
+    t.join()
+finally:  # the module's other tests find the replica as the rig left it
+    phase("Attached")
 c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
     volume_id=vid, staging_target_path="/tmp/held"), timeout=60)
 c.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=60)
-phase("Attached")
 print(json.dumps({"built_while_held": built_while_held,
                   "returned_while_held": returned_while_held,
                   "staged_after_release_s": outcome["ok"] - released if "ok" in outcome else None,

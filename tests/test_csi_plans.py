@@ -59,6 +59,8 @@ def test_without_preference_a_ready_node_with_a_usable_replica_is_chosen_then_th
     phases = {"b": "Attached", "c": "Pending", "down": "Hydrated"}
     assert plan_node([], [], NODES, phases, {"b": 9}) == "b"
     assert plan_node([], [], NODES, {"c": "Pending"}, {}) == "c"
+    # a cache still prefetching is as warm as an attached one (its volumes wait a little)
+    assert plan_node([], [], NODES, {"b": "Prefetching", "c": "Pending"}, {"b": 9}) == "b"
     assert plan_node([], [], NODES, {}, {"a": 2, "b": 1, "c": 3}) == "b"
     assert plan_node([], ["zz"], NODES, {}, {}) is None
     assert plan_node([], [], {"down": NODES["down"]}, {}, {}) is None

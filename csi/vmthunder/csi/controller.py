@@ -17,10 +17,10 @@ from vmthunder.csi import capabilities
 from vmthunder.csi.errors import CsiError, invalid, not_found
 from vmthunder.csi.kube import KubeState, NodeInfo, Volume, wait_for
 from vmthunder.csi.names import (
+    ATTACHED_REPLICA_PHASES,
     PARAM_IMAGE_CACHE,
     PARAM_RESERVED_PREFIX,
     TOPOLOGY_KEY,
-    USABLE_REPLICA_PHASES,
     is_volume_id,
     volume_id_for,
 )
@@ -71,7 +71,8 @@ def plan_node(
 ) -> str | None:
     """Where a new volume lives. The CO's preference wins (with WaitForFirstConsumer it is
     the node the pod is scheduled to); with no preference, the ready node that already holds
-    a usable replica of the image, then one that has a replica at all, then the least busy."""
+    an attached replica of the image (its cache built), then one that has a replica at all,
+    then the least busy."""
     allowed = set(requisite) if requisite else None
     for name in preferred:
         if name in nodes and (allowed is None or name in allowed):
@@ -79,7 +80,7 @@ def plan_node(
 
     def rank(name: str) -> tuple[int, int, str]:
         phase = replica_phases.get(name)
-        warmth = 0 if phase in USABLE_REPLICA_PHASES else 1 if phase is not None else 2
+        warmth = 0 if phase in ATTACHED_REPLICA_PHASES else 1 if phase is not None else 2
         return warmth, volume_counts.get(name, 0), name
 
     candidates = [

@@ -509,8 +509,11 @@ class Agent:
                      queue_depth=int(prefetch.get("queueDepth", 8)),
                      throttle=int(hydration.get("throttleBytesPerSecond", 0)),
                      idle_seconds=float(hydration.get("idleSeconds", DEFAULT_IDLE_SECONDS)),
-                     hold_until=self.hold_until.setdefault(image, time.monotonic() + float(
-                         prefetch.get("holdSeconds", DEFAULT_HOLD_SECONDS))),
+                     # a cache already holding as much as the profile (an agent restart) is
+                     # not held again
+                     hold_until=self.hold_until.setdefault(image, time.monotonic() + (
+                         0.0 if cache.hydrated >= len(order) else
+                         float(prefetch.get("holdSeconds", DEFAULT_HOLD_SECONDS)))),
                      upstream=upstream, on_prefetched=self.news)
         h.start()
         self.hydrators[image] = h

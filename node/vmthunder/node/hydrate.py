@@ -211,12 +211,12 @@ class Hydrator(threading.Thread):
         name = names.cache_dev(self.image)
         stats_id = self._stats(name)
         order = hydration_order(self.profile, -(-self.size // self.region_bytes))
-        self.hydrated_in_order = self._resume(len(order))
+        self.hydrated_in_order = start = self._resume(len(order))
         position = {r: i for i, r in enumerate(order)}
         kept: set[int] = set()  # made local because something read them, out of order
 
-        def held(r: int) -> bool:
-            return position.get(r, len(order)) < self.hydrated_in_order or r in kept
+        def held(r: int) -> bool:  # what a resumed walk skipped may be remote: not held
+            return start <= position.get(r, len(order)) < self.hydrated_in_order or r in kept
 
         t0 = time.monotonic()
         looked = 0.0
@@ -227,8 +227,8 @@ class Hydrator(threading.Thread):
                 if st.kind != "caching" or st.complete:
                     return
                 looked = time.monotonic()
-                # While volumes wait for the prefetch, nothing but children reads (and they
-                # read only what this node holds): the look is skipped, its counters kept.
+                # While volumes wait for the prefetch, the look is skipped (children read what
+                # this node holds): its counters are kept for the next look.
                 if stats_id is not None and not self.holding():
                     hot = plan_read_regions(dm.stats_print(name, stats_id, clear_after=True),
                                             self.region_bytes, held)
