@@ -15,6 +15,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -333,6 +334,33 @@ def test_a_parent_that_missed_a_heartbeat_while_its_child_lost_it_loses_its_chil
     assert early.recheck_at == NOW + timedelta(seconds=15)
     assert plan_replicas("img", spec, nodes, replicas(5, False), set(), NOW).recheck_at is None
     assert plan_replicas("img", spec, nodes, replicas(25, True), set(), NOW).recheck_at is None
+
+
+def test_a_parent_its_children_called_gone_takes_no_child_back_until_it_heartbeats() -> None:
+    spec = CacheSpec(fanout=2, origin_fanout=1, node_selector={})
+    nodes = [NodeFacts(n, True) for n in ("a", "b", "c")]
+    dead = NOW - timedelta(seconds=25)  # a's last heartbeat: missed, not yet stale (60 s)
+    beat = NOW - timedelta(seconds=5)
+    first = plan_replicas("img", spec, nodes, [
+        ReplicaFacts("img.a", "img", "a", ORIGIN, 1, "Hydrating", dead),
+        ReplicaFacts("img.b", "img", "b", "a", 2, "Hydrating", beat, parent_lost=True),
+        ReplicaFacts("img.c", "img", "c", "a", 2, "Hydrating", beat)], set(), NOW)
+    assert {u.node: u.parent for u in first.update} == {"b": ORIGIN, "c": "b"}
+    assert first.lost == {"a": dead}
+    # Moved, b and c no longer report a lost; a has not heartbeat since.
+    moved = [ReplicaFacts("img.a", "img", "a", ORIGIN, 1, "Hydrating", dead),
+             ReplicaFacts("img.b", "img", "b", ORIGIN, 1, "Hydrating", beat),
+             ReplicaFacts("img.c", "img", "c", "b", 2, "Hydrating", beat)]
+    later = NOW + timedelta(seconds=10)
+    # Without the verdict, a would look healthy and take b back under it (the origin serves
+    # one node); with it, nothing moves.
+    assert {u.node for u in plan_replicas("img", spec, nodes, moved, set(), later).update} == {
+        "b", "c"}
+    kept = plan_replicas("img", spec, nodes, moved, set(), later, first.lost)
+    assert kept.update == () and kept.lost == {"a": dead}
+    # a heartbeats again: the verdict ends, a is a node like the others.
+    back = [replace(moved[0], heartbeat=later), *moved[1:]]
+    assert plan_replicas("img", spec, nodes, back, set(), later, kept.lost).lost == {}
 
 
 def test_a_replica_that_passes_reads_through_loses_its_children_and_keeps_its_parent() -> None:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -54,6 +54,7 @@ class Memo:
     written: dict[str, dict[str, tuple[str, int]]] = field(
         default_factory=lambda: defaultdict(dict))
     deleted: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    lost: dict[str, Mapping[str, datetime | None]] = field(default_factory=dict)  # per cache
 
     def trigger(self, cache: str | None = None) -> None:
         for name, event in self.triggers.items():
@@ -145,6 +146,7 @@ async def distribute(
                     _replicas_as_written(state, name, indexed),
                     {v.node for v in state.volumes.values() if v.image_cache == name},
                     datetime.now(UTC),
+                    state.lost.get(name),
                 )
             except ValueError as e:  # a spec the schema should have refused: say so, wait
                 logger.error(f"cannot plan: {e}")
@@ -159,6 +161,7 @@ async def distribute(
                 await asyncio.sleep(2)
                 continue
             _remember(state, name, plan)
+            state.lost[name] = plan.lost
             last_phase = await _report(state, name, body, plan, last_phase)
             if plan.recheck_at is not None:  # a lost parent's heartbeat falls due sooner
                 due = (plan.recheck_at - datetime.now(UTC)).total_seconds()
@@ -167,6 +170,7 @@ async def distribute(
         state.triggers.pop(name, None)
         state.written.pop(name, None)
         state.deleted.pop(name, None)
+        state.lost.pop(name, None)
 
 
 def _replicas_as_written(

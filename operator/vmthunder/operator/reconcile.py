@@ -67,6 +67,8 @@ class ReplicaPlan:
     status: CacheStatus = field(default_factory=lambda: CacheStatus("Pending", 0, 0, 0, 0))
     # When the plan changes with no event: a parent a child lost misses its heartbeat then.
     recheck_at: datetime | None = None
+    # Nodes judged gone (node -> their heartbeat then), for the next plan: see plan_replicas.
+    lost: Mapping[str, datetime | None] = field(default_factory=dict)
 
     @property
     def writes(self) -> int:
@@ -116,8 +118,14 @@ def plan_replicas(
     replicas: Iterable[ReplicaFacts],
     volume_nodes: Collection[str],
     now: datetime,
+    lost: Mapping[str, datetime | None] | None = None,
 ) -> ReplicaPlan:
-    """Decides which replicas to create, re-parent and delete, and the cache's status."""
+    """Decides which replicas to create, re-parent and delete, and the cache's status.
+
+    `lost` is the previous plan's: a node its children called gone stays gone until it
+    heartbeats again. Once they are moved, nobody reports it lost any more, and a dead node
+    would otherwise look healthy until its heartbeat is stale and take children back."""
+    lost = lost or {}
     nodes_by_name = {n.name: n for n in nodes}
     current = {r.node: r for r in replicas if r.image_cache == cache_name}
     children: dict[str, list[ReplicaFacts]] = {}
@@ -131,17 +139,21 @@ def plan_replicas(
 
     states = []
     deadlines = []
+    still_lost: dict[str, datetime | None] = {}
     for name in members:
         node = nodes_by_name[name]
         replica = current.get(name)
         due = lost_parent_deadline(replica, children.get(name, ()), now)
         if due is not None:
             deadlines.append(due)
+        if replica is not None and (
+                lost_by_children(replica, children.get(name, ()), now)
+                or (name in lost and replica.heartbeat == lost[name])):
+            still_lost[name] = replica.heartbeat
         states.append(
             NodeState(
                 name=name,
-                ready=(node.ready and is_healthy(replica, now)
-                       and not lost_by_children(replica, children.get(name, ()), now)),
+                ready=node.ready and is_healthy(replica, now) and name not in still_lost,
                 topology=node.labels.get(spec.topology_key),
                 parent=replica.parent if replica else None,
                 hydrated=replica.hydrated if replica else False,
@@ -171,7 +183,7 @@ def plan_replicas(
         [r for n, r in current.items() if n in member_set], placements, len(members)
     )
     return ReplicaPlan(tuple(create), tuple(update), tuple(delete), tuple(reparented), status,
-                       min(deadlines, default=None))
+                       min(deadlines, default=None), still_lost)
 
 
 def aggregate_status(
