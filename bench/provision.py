@@ -211,22 +211,16 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
                       "the origin's link", flush=True)
                 continue
             try:
-                if mode in CHECKS:
+                if mode in CHECKS or mode == NO_HOLD:  # vmthunder+prefetch, options changed
                     base = rig.options
-                    rig.options = replace(base, real_boot=mode == "real-boot", gap_scale=1.0)
+                    rig.options = (replace(base, hold_seconds=0) if mode == NO_HOLD else
+                                   replace(base, real_boot=mode == "real-boot", gap_scale=1.0))
+                    cleanup = "nohold" if mode == NO_HOLD else mode  # the ImageCache's name
                     try:
-                        run = rig.provision(mode, prefetch=True, wait_hydrated=False, mode=mode)
+                        run = rig.provision(cleanup, prefetch=True, wait_hydrated=False,
+                                            mode=mode)
                     finally:
                         rig.options = base
-                    cleanup = mode
-                elif mode == NO_HOLD:
-                    base = rig.options
-                    rig.options = replace(base, hold_seconds=0)
-                    try:
-                        run = rig.provision("nohold", wait_hydrated=False, mode=mode)
-                    finally:
-                        rig.options = base
-                    cleanup = "nohold"
                 elif mode.startswith("vmthunder"):
                     cleanup = "ondemand" if mode == "vmthunder" else "prefetch"
                     run = rig.provision(cleanup, prefetch=mode != "vmthunder",
