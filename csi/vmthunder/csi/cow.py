@@ -89,8 +89,7 @@ class DmSnapshotBackend:
         dev = dm.info(name)
         if dev is None:
             return None
-        if not os.path.exists(dev.path):
-            dm.mknodes(name)
+        dm.ensure_nodes(name)
         return dev.path
 
     def device(self, volume_id: str) -> CowDevice | None:
@@ -98,8 +97,7 @@ class DmSnapshotBackend:
         dev = dm.info(name)
         if dev is None:
             return None
-        if not os.path.exists(dev.path):
-            dm.mknodes(name)
+        dm.ensure_nodes(name)
         status = dm.status(name)
         message = " ".join(status[0].fields) if status else "no table"
         healthy = bool(status) and not message.startswith(BROKEN_STATUS)
@@ -126,7 +124,8 @@ class DmSnapshotBackend:
         image_sectors = blockdev.size_bytes(spec.image_device) // SECTOR
         tables = plan_tables(spec.image_device, image_sectors, spec.capacity_bytes // SECTOR,
                              dm.mapper_path(base_name), cow)
-        if dm.exists(base_name):  # left by an interrupted stage
+        if dm.exists(base_name):  # left by an interrupted stage, perhaps without its node
+            dm.ensure_nodes(base_name)
             dm.reload(base_name, tables.base)
         else:
             dm.create(base_name, tables.base)

@@ -164,6 +164,36 @@ def mknodes(name: str | None = None) -> None:
     _run("mknodes", ["mknodes", *([name] if name else [])])
 
 
+def ensure_nodes(*wanted: str) -> None:
+    """Makes the /dev/mapper node of each of `wanted` the kernel has and the node lacks.
+
+    With no udev, create() makes the node in a second dmsetup call: a process killed between
+    the two leaves a device no path reaches, and a table naming that path then fails with
+    ENODEV. Read from sysfs, no dmsetup call unless a node is missing."""
+    missing = [n for n in wanted if not os.path.exists(mapper_path(n))]
+    if missing:
+        in_kernel = _sysfs_names()
+        for n in missing:
+            if n in in_kernel:
+                mknodes(n)
+
+
+def _sysfs_names() -> set[str]:
+    out: set[str] = set()
+    try:
+        entries = os.listdir("/sys/block")
+    except OSError:
+        return out
+    for e in entries:
+        if e.startswith("dm-"):
+            try:
+                with open(f"/sys/block/{e}/dm/name") as f:
+                    out.add(f.read().strip())
+            except OSError:
+                pass
+    return out
+
+
 # --- queries --------------------------------------------------------------------------------
 
 def names() -> list[str]:

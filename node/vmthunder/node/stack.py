@@ -211,6 +211,8 @@ def sessions_of_image(image: str, origin_iqn: str | None,
 def observe(image: str, origin_iqn: str | None, backend: CacheBackend, transport: Transport,
             export_iqn: str) -> Seen:
     src = names.src_dev(image)
+    # An agent killed inside dm.create leaves a device without its node (see ensure_nodes).
+    dm.ensure_nodes(src, names.cache_dev(image), names.export_dev(image))
     src_table: tuple[str, ...] | None = None
     src_kind: str | None = None
     failed: frozenset[str] = frozenset()
