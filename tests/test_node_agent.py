@@ -21,6 +21,7 @@ from vmthunder.node.agent import (
     Report,
     children_initiators,
     parent_address,
+    parent_admits,
     plan_cache_event,
     plan_failure_status,
     plan_full_round,
@@ -37,6 +38,7 @@ from vmthunder.node.cache import CacheState
 from vmthunder.node.hydrate import UNLIMITED, Hydrator, Upstream, hydration_order, upstream_of
 from vmthunder.node.iscsi import TargetAddress
 from vmthunder.node.stack import Want
+from vmthunder.operator.model import ready_for_vms
 
 CACHE_SPEC = {"source": {"iscsi": {"portal": "10.0.0.2", "iqn": "iqn.2026-11.io.x:gold"}}}
 
@@ -55,6 +57,42 @@ def test_node_parent_reads_the_parents_published_export_address() -> None:
 def test_parent_without_an_export_address_means_wait() -> None:
     assert parent_address({"parent": "a"}, CACHE_SPEC, {"phase": "Attaching"}) is None
     assert parent_address({"parent": "a"}, CACHE_SPEC, None) is None
+
+
+def test_a_child_logs_in_only_once_its_parents_status_lists_its_initiator() -> None:
+    assert parent_admits({"parent": names.ORIGIN}, None, "iqn.x:b")
+    addr = {"exportAddress": {"portal": "10.0.0.11:3260", "iqn": "iqn.x:a.img", "lun": 0}}
+    assert not parent_admits({"parent": "a"}, addr, "iqn.x:b")
+    assert not parent_admits({"parent": "a"}, {**addr, "exportInitiators": ["iqn.x:c"]},
+                             "iqn.x:b")
+    assert parent_admits({"parent": "a"}, {**addr, "exportInitiators": ["iqn.x:b"]}, "iqn.x:b")
+
+
+def test_status_lists_the_exports_initiators_and_drops_the_field_without_an_export() -> None:
+    r = report(CacheState("caching", 2, 16), 10)
+    now = datetime.now(UTC)
+    with_acl = Report(**{**r.__dict__, "admitted": ("iqn.x:c", "iqn.x:d")})
+    assert plan_status(with_acl, {}, now)["exportInitiators"] == ["iqn.x:c", "iqn.x:d"]
+    # None in a merge patch deletes the field: a node exporting nothing admits nobody.
+    assert plan_status(r, {"exportInitiators": ["iqn.x:c"]}, now)["exportInitiators"] is None
+
+
+def test_a_hold_puts_its_deadline_in_the_status_and_vms_wait_no_longer_than_that() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    until = t0 + timedelta(seconds=60)
+    held = Report(**{**report(CacheState("caching", 2, 16), 10).__dict__,
+                     "phase": "Prefetching", "hold_until": until})
+    st = plan_status(held, {}, t0)
+    assert st["holdUntil"] == "2026-01-01T00:01:00Z"
+    assert not ready_for_vms(st, t0)
+    # The agent died holding: the status stays Prefetching, and the deadline lets VMs start.
+    assert ready_for_vms(st, until)
+    # A hold that ended drops the field.
+    done = plan_status(report(CacheState("caching", 3, 16), 10), st, t0)
+    assert done["holdUntil"] is None and ready_for_vms(done, t0)
+    assert not ready_for_vms({"phase": "Prefetching"}, until)  # no deadline said: held
+    assert not ready_for_vms({"phase": "Attaching", "holdUntil": "2026-01-01T00:00:00Z"}, until)
+    assert not ready_for_vms(None, until)
 
 
 def test_children_are_replicas_naming_this_node_as_parent_with_their_initiators() -> None:

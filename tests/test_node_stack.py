@@ -130,6 +130,21 @@ def test_new_child_changes_the_export_acl() -> None:
     assert kinds(stack.plan_image(w2, seen)) == ["Export"]
 
 
+def test_the_export_reports_whom_it_lets_in_only_once_it_exists() -> None:
+    c = "iqn.2026-11.io.example:c"
+    w = want(children=(c,))
+    fresh = stack.Seen(None, None)
+    assert stack.exported_to(w, fresh, stack.plan_image(w, fresh)) == (c,)
+    # No parent to read from yet: nothing is built, nobody is let in.
+    idle = want(parent=None, children=(c,))
+    assert stack.exported_to(idle, fresh, stack.plan_image(idle, fresh)) is None
+    # Converged: the kernel's export already matches, no step.
+    seen = built(w, ORIGIN, CacheState("caching", 3, 1024))
+    assert stack.exported_to(w, seen, []) == (c,)
+    # An export with yesterday's ACLs and no step to change them says nothing.
+    assert stack.exported_to(want(children=(c, "iqn.x:d")), seen, []) is None
+
+
 def test_sessions_of_image_are_the_origin_and_node_exports_of_that_image() -> None:
     other = TargetAddress("10.0.0.13:3260", names.export_iqn("other", "x"))
     got = stack.sessions_of_image("img", ORIGIN.iqn, {ORIGIN: "8:0", A: "8:16", other: "8:32"})

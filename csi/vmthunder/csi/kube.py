@@ -27,6 +27,11 @@ from vmthunder.csi.names import (
 )
 
 
+def phase_of(status: Mapping[str, Any] | None) -> str | None:
+    """A replica's phase from its status (replica_status's); None: no replica."""
+    return None if status is None else str(status.get("phase", "Pending"))
+
+
 @dataclass(frozen=True)
 class Volume:
     """An ImageVolume: one CSI volume, a copy-on-write disk of an image on one node."""
@@ -214,40 +219,47 @@ class KubeState:
 
     def replica_phase(self, image_cache: str, node: str) -> str | None:
         """The phase of the node's replica of the image; None if the replica does not exist."""
-        obj = self._get(IMAGE_REPLICAS, replica_name(image_cache, node))
-        if obj is None:
-            return None
-        return str((obj.get("status") or {}).get("phase", "Pending"))
+        return phase_of(self.replica_status(image_cache, node))
 
-    def wait_replica_phase(self, image_cache: str, node: str, until: Callable[[str | None], bool],
-                           timeout: float) -> tuple[bool, str | None]:
-        """Waits until `until(phase)` holds for the node's replica of the image, on a watch of
-        that one object: a wait of minutes costs no polling (a TCG guest's CPU is what its
-        neighbours' boots run on). Returns whether it held, and the last phase seen."""
+    def replica_status(self, image_cache: str, node: str) -> dict[str, Any] | None:
+        """The status of the node's replica of the image ({} before the agent's first report);
+        None if the replica does not exist."""
+        obj = self._get(IMAGE_REPLICAS, replica_name(image_cache, node))
+        return None if obj is None else dict(obj.get("status") or {})
+
+    def wait_replica(self, image_cache: str, node: str,
+                     until: Callable[[dict[str, Any] | None], bool], timeout: float,
+                     recheck: float = 5.0) -> tuple[bool, dict[str, Any] | None]:
+        """Waits until `until(status)` holds for the node's replica of the image (status as
+        replica_status gives it), on a watch of that one object: a wait of minutes costs no
+        polling (a TCG guest's CPU is what its neighbours' boots run on). `until` is asked
+        again every `recheck` seconds with no change too, for conditions that hold by time.
+        Returns whether it held, and the last status seen."""
         name = replica_name(image_cache, node)
         deadline = time.monotonic() + timeout
-        phase = self.replica_phase(image_cache, node)
-        while not until(phase):
+        status = self.replica_status(image_cache, node)
+        while not until(status):
             left = deadline - time.monotonic()
             if left <= 0 or not is_object_name(name):
-                return False, phase
+                return False, status
             watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
             try:  # with no resourceVersion the first event is the object as it is now
                 for event in watch.stream(  # type: ignore[no-untyped-call]
                         self.custom.list_cluster_custom_object, GROUP, VERSION, IMAGE_REPLICAS,
-                        field_selector=f"metadata.name={name}", timeout_seconds=max(1, int(left))):
+                        field_selector=f"metadata.name={name}",
+                        timeout_seconds=max(1, int(min(left, recheck)))):
                     obj = event.get("object")
                     if not isinstance(obj, dict) or obj.get("kind") != "ImageReplica":
                         continue  # a watch error (its Status): the loop below looks again
-                    phase = (None if event["type"] == "DELETED"
-                             else str((obj.get("status") or {}).get("phase", "Pending")))
-                    if until(phase):
-                        return True, phase
+                    status = (None if event["type"] == "DELETED"
+                              else dict(obj.get("status") or {}))
+                    if until(status):
+                        return True, status
             except ApiException:
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             finally:
                 watch.stop()  # type: ignore[no-untyped-call]
-        return True, phase
+        return True, status
 
     def replica_phases(self, image_cache: str) -> dict[str, str]:
         """node -> phase for every replica of the image."""

@@ -16,6 +16,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -24,12 +25,12 @@ import grpc
 from vmthunder.csi import capabilities, mount
 from vmthunder.csi.backend import BackendError, CowDevice, CowSpec, NodeBackend, NotStaged
 from vmthunder.csi.errors import CsiError, invalid, not_found
-from vmthunder.csi.kube import KubeState, Volume, wait_for
+from vmthunder.csi.kube import KubeState, Volume, phase_of, wait_for
 from vmthunder.csi.names import (
     ATTACHED_REPLICA_PHASES,
     FINALIZER_COW_DATA,
     TOPOLOGY_KEY,
-    USABLE_REPLICA_PHASES,
+    ready_for_vms,
 )
 from vmthunder.csi.proto import csi_pb2, csi_pb2_grpc
 
@@ -131,9 +132,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _wait_for_image(self, volume: Volume, deadline: float) -> str:
         """The image device, once the node agent reports the replica attached."""
-        usable, phase = self.state.wait_replica_phase(
-            volume.image_cache, self.node_id, lambda p: p in ATTACHED_REPLICA_PHASES,
+        usable, status = self.state.wait_replica(
+            volume.image_cache, self.node_id, lambda s: phase_of(s) in ATTACHED_REPLICA_PHASES,
             max(0.0, deadline - time.monotonic()))
+        phase = phase_of(status)
         found: list[str] = []
 
         def device() -> bool:  # the agent reports Attached after building it: at once, mostly
@@ -154,9 +156,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _wait_for_boot_set(self, volume: Volume, deadline: float) -> None:
         """Until the agent has prefetched the boot profile (or stopped holding volumes for it),
         so the VM's boot reads find their blocks local."""
-        usable, phase = self.state.wait_replica_phase(
-            volume.image_cache, self.node_id, lambda p: p in USABLE_REPLICA_PHASES,
+        usable, status = self.state.wait_replica(
+            volume.image_cache, self.node_id, lambda s: ready_for_vms(s, datetime.now(UTC)),
             max(0.0, deadline - time.monotonic()))
+        phase = phase_of(status)
         if not usable:
             raise CsiError(
                 grpc.StatusCode.UNAVAILABLE,

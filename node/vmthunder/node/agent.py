@@ -77,6 +77,16 @@ def parent_address(replica_spec: Mapping[str, Any], cache_spec: Mapping[str, Any
     return TargetAddress(str(addr["portal"]), str(addr["iqn"]), int(addr.get("lun", 0)))
 
 
+def parent_admits(replica_spec: Mapping[str, Any], parent_status: Mapping[str, Any] | None,
+                  initiator: str) -> bool:
+    """Whether the parent's export has an ACL for `initiator` yet (the origin's always does).
+    A login before that is refused, and a refused login costs seconds in iscsiadm and a
+    Failed round: a child logs in only once its parent's status lists it."""
+    if replica_spec.get("parent") == names.ORIGIN:
+        return True
+    return initiator in ((parent_status or {}).get("exportInitiators") or ())
+
+
 def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
     """Initiator names of the replicas (of one image) whose parent is `node`."""
     out = []
@@ -122,6 +132,8 @@ class Report:
     message: str
     parent_lost: bool = False  # the session to the wanted parent carries no I/O
     cache_dir: str = ""
+    admitted: tuple[str, ...] | None = None  # the initiators our export's ACLs let in
+    hold_until: datetime | None = None  # while volumes wait for the prefetch: until when
 
 
 def initiator_condition(initiator: str) -> dict[str, str]:
@@ -172,6 +184,8 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
         "bytesServed": max(prev_served, r.bytes_served),
         "hydratedInOrder": r.hydrated_in_order,
         "exportAddress": {"portal": r.export.portal, "iqn": r.export.iqn, "lun": r.export.lun},
+        "exportInitiators": list(r.admitted) if r.admitted is not None else None,
+        "holdUntil": r.hold_until.strftime("%Y-%m-%dT%H:%M:%SZ") if r.hold_until else None,
         "attachedParent": r.attached_parent,
         "heartbeat": stamp,
         "message": r.message[:4000],
@@ -268,6 +282,7 @@ class Converged:
     sessions: frozenset[tuple[TargetAddress, bool]]
     attached_parent: str
     at: float  # monotonic seconds
+    admitted: tuple[str, ...] | None = None
 
 
 def session_states(sessions: Iterable[TargetAddress],
@@ -321,6 +336,9 @@ class Agent:
         # per image: until when volumes wait for the boot profile's prefetch; one deadline for
         # all the image's hydrators, so a failing one cannot hold volumes back for ever
         self.hold_until: dict[str, float] = {}
+        # time.monotonic() + this = the wall clock: the status carries the hold's deadline for
+        # the CSI node plugin, fixed for the agent's life so the status does not move with it
+        self.wall_offset = time.time() - time.monotonic()
         self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
         self.statuses: dict[str, dict[str, Any]] = {}  # per image: the status last written
         self.converged: dict[str, Converged] = {}
@@ -399,10 +417,15 @@ class Agent:
         siblings = self.kube.replicas({LABEL_IMAGE_CACHE: image})
         children = children_initiators(self.node, siblings)
         region = int(cspec.get("regionSizeBytes", DEFAULT_REGION))
-        size = int(cspec.get("sizeBytes") or (ic.get("status") or {}).get("imageSizeBytes") or 0)
-        if not size:
-            size = self._probe_size(image, parent, chap)
         origin_iqn = ((cspec.get("source") or {}).get("iscsi") or {}).get("iqn")
+        connections = self.transport.connections()  # one walk of the sessions in sysfs
+        image_sessions = stack.sessions_of_image(image, origin_iqn, transports.devices(connections))
+        # A session made already stays whatever the parent's status says now.
+        refused = (parent is not None and parent not in image_sessions
+                   and not parent_admits(spec, parent_status, self.initiator))
+        size = int(cspec.get("sizeBytes") or (ic.get("status") or {}).get("imageSizeBytes") or 0)
+        if not size and not refused:
+            size = self._probe_size(image, parent, chap)
         w = stack.Want(
             image=image, node=self.node, size=size, region_bytes=region, parent=parent,
             parent_chap=chap, export_ip=self.export_ip, children=children, children_chap=chap,
@@ -412,20 +435,23 @@ class Agent:
         )
         message = ""
         attached = ""
+        previous = r.get("status") or {}
+        admitted = previous.get("exportInitiators")  # unchanged unless a full round looks
         cache = self.backend.observe(image)
-        connections = self.transport.connections()  # one walk of the sessions in sysfs
-        sessions = session_states(
-            stack.sessions_of_image(image, origin_iqn, transports.devices(connections)),
-            transports.broken(connections))
+        sessions = session_states(image_sessions, transports.broken(connections))
         last = self.converged.pop(image, None)  # kept below only if this round changes nothing
         now = time.monotonic()
-        if not size:
+        if refused:
+            message = f"waiting for {spec['parent']}'s export to admit {self.initiator}"
+        elif not size:
             message = "waiting for the parent's export"
         elif last is not None and not plan_full_round(last, w, cache, sessions, now):
             attached = last.attached_parent
+            admitted = last.admitted
             self.converged[image] = last
         else:
             seen, steps = stack.apply_image(w, self.backend, self.transport, origin_iqn)
+            admitted = stack.exported_to(w, seen, steps)
             held = self.reinstated.get(image)
             if held is not None and w.held_paths:
                 self.reinstated[image] = replace(held, failing=held.device in seen.failed_paths)
@@ -445,7 +471,7 @@ class Agent:
             if not steps:
                 self.converged[image] = Converged(
                     w, cache.kind, cache.complete, session_states(seen.sessions, seen.broken),
-                    attached, now)
+                    attached, now, admitted)
         held = self.reinstated.get(image)
         if w.held_paths and held is not None and held.failing:
             message = (f"the path to the parent failed again right after being reinstated, "
@@ -453,9 +479,10 @@ class Agent:
         upstream = upstream_of(spec.get("parent") == names.ORIGIN, parent_status)
         h = self._hydrator(image, cache, cspec, size, region, parent is not None, upstream)
         c = stack.counters(image)
+        holding = h is not None and h.holding()
         rep = Report(
             phase=plan_phase(cache, parent is not None, h.hydrated_in_order if h else 0,
-                             h.error if h else None, h is not None and h.holding()),
+                             h.error if h else None, holding),
             cache=cache, bytes_from_parent=c.bytes_from_parent, bytes_served=c.bytes_served,
             hydrated_in_order=h.hydrated_in_order if h else 0,
             export=TargetAddress(f"{self.export_ip}:3260", names.export_iqn(image, self.node)),
@@ -463,8 +490,10 @@ class Agent:
             parent_lost=parent is not None and (parent, False) in sessions,
             cache_dir=self.backend.cache_dir,
             message=(h.error if h and h.error else self.notes.get(image) or message),
+            admitted=None if admitted is None else tuple(admitted),
+            hold_until=(datetime.fromtimestamp(round(h.hold_until + self.wall_offset), UTC)
+                        if h is not None and holding else None),
         )
-        previous = r.get("status") or {}
         stamp = datetime.now(UTC)
         status = plan_status(rep, previous, stamp)
         if plan_status_write(previous, status, stamp):

@@ -187,6 +187,15 @@ def plan_image(w: Want, s: Seen) -> list[Step]:
     return steps
 
 
+def exported_to(w: Want, seen: Seen, steps: Sequence[Step]) -> tuple[str, ...] | None:
+    """The initiators the image's export lets in once `steps` ran; None: no export yet."""
+    spec = export_spec(w)
+    if any(isinstance(s, Export) for s in steps) or (
+            seen.export is not None and _export_matches(seen.export, spec)):
+        return spec.initiators
+    return None
+
+
 def _key(a: TargetAddress) -> tuple[str, str, int]:
     return (a.iqn, a.portal, a.lun)
 
