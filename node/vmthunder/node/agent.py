@@ -32,7 +32,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from vmthunder.node import blockdev, dm, iscsi, metrics, names, stack
+from vmthunder.node import blockdev, dm, iscsi, lio, metrics, names, stack
 from vmthunder.node import transport as transports
 from vmthunder.node.api import Kube, WatchedKube
 from vmthunder.node.cache import VOLUME_HEADROOM, CacheBackend, CacheState, make_backend
@@ -581,11 +581,19 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from vmthunder.kube import load_api_client
 
-    kube = WatchedKube(load_api_client(), node).start()
     # With multipath, a dead session must fail fast so dm-multipath queues the I/O itself
     # (queue_if_no_path) until a new parent's path is loaded; without it the SCSI layer queues.
     tmo = replacement_timeout if replacement_timeout is not None else (5 if multipath else 600)
-    agent = Agent(node, kube, make_backend(backend, cache_dir), IscsiTransport(tmo), export_ip,
+    transport = IscsiTransport(tmo)
+    # Modules, iscsid and rtslib's import take seconds in a small guest: paid here, not by
+    # the first attach and export, which each level of the tree waits for.
+    try:
+        transport.prepare()
+        lio.prepare()
+    except Exception:  # the first round tries again and reports what fails
+        log.exception("preparing the kernel side")
+    kube = WatchedKube(load_api_client(), node).start()
+    agent = Agent(node, kube, make_backend(backend, cache_dir), transport, export_ip,
                   multipath=multipath, profile_file=profile_file, news=kube.wake.set)
     if metrics_port:
         metrics.register(lambda: dict(agent.statuses))

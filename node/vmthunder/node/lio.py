@@ -69,6 +69,12 @@ def _ensure_configfs() -> None:
                   ">/dev/null 2>&1")
 
 
+def prepare() -> None:
+    """Loads LIO's modules and rtslib ahead of the first export."""
+    _ensure_configfs()
+    _rtslib()
+
+
 def ensure_export(spec: ExportSpec) -> None:
     """Creates or converges the export: backstore, target, portal, LUN, ACLs. Idempotent.
 

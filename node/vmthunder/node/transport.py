@@ -27,6 +27,9 @@ def broken(connections: Mapping[TargetAddress, Connection]) -> frozenset[TargetA
 class Transport(Protocol):
     name: str
 
+    def prepare(self) -> None:
+        """Readies the kernel side (modules, daemons) ahead of the first attach."""
+
     def attach(self, address: TargetAddress, chap: Chap | None) -> str:
         """Connects to `address` (idempotent) and returns the local block device."""
 
@@ -45,6 +48,9 @@ class IscsiTransport:
 
     def __init__(self, replacement_timeout: int = 600) -> None:
         self.replacement_timeout = replacement_timeout
+
+    def prepare(self) -> None:
+        iscsi.ensure_daemon()
 
     def attach(self, address: TargetAddress, chap: Chap | None) -> str:
         s = iscsi.login(address, chap, replacement_timeout=self.replacement_timeout)
