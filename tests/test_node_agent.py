@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 from waiting import wait_for
 
-from vmthunder.node import names
+from vmthunder.node import dm, names, stack
 from vmthunder.node.agent import (
     CACHE_CONDITION,
     HEARTBEAT_SECONDS,
@@ -367,3 +369,88 @@ def test_a_path_failing_after_each_reinstatement_is_retried_with_a_growing_backo
     # after its last repair: a fresh start
     assert plan_reinstated(r, b, "8:16", t + 1).times == 1
     assert plan_reinstated(first, a, "8:16", 100.0 + 2 + REINSTATE_BACKOFF_MAX).times == 1
+
+
+class TreeKube:
+    """The API objects one replica's round reads: its ImageCache, its parent's replica and
+    its siblings (children report their initiators), and the status it writes."""
+
+    def __init__(self, parent_status: dict[str, Any]) -> None:
+        self.parent_status = parent_status
+        self.siblings: list[dict[str, Any]] = []
+        self.written: list[dict[str, Any]] = []
+
+    def cache(self, name: str) -> dict[str, Any]:
+        return {"spec": {"sizeBytes": 1 << 20, "prefetch": {"enabled": False}, **CACHE_SPEC}}
+
+    def replica(self, name: str) -> dict[str, Any]:
+        return {"status": self.parent_status}
+
+    def chap(self, ref: object) -> None:
+        return None
+
+    def replicas(self, labels: object) -> list[dict[str, Any]]:
+        return self.siblings
+
+    def patch_status(self, name: str, status: dict[str, Any]) -> None:
+        self.written.append(status)
+
+
+def child(node: str, parent: str) -> dict[str, Any]:
+    return {"spec": {"imageCache": "img", "node": node, "parent": parent},
+            "status": {"conditions": [{"type": INITIATOR_CONDITION, "message": f"iqn.x:{node}"}]}}
+
+
+class NoKernel:
+    cache_dir = "/var/lib/vmthunder"
+
+    def observe(self, image: str) -> CacheState:
+        return CacheState("absent")
+
+    def connections(self) -> dict[TargetAddress, Any]:
+        return {}
+
+
+def agent_round(monkeypatch: pytest.MonkeyPatch, kube: TreeKube,
+                on_apply: Callable[[Want], None] = lambda w: None) -> list[Want]:
+    """One round of node b's replica of img under parent a; returns the Wants applied."""
+    applied: list[Want] = []
+
+    def apply_image(w: Want, *_: object) -> tuple[stack.Seen, list[stack.Step]]:
+        applied.append(w)
+        on_apply(w)
+        return stack.Seen(None, None), stack.plan_image(w, stack.Seen(None, None))
+
+    monkeypatch.setattr(stack, "apply_image", apply_image)
+    monkeypatch.setattr(stack, "counters", lambda image: stack.Counters(0, 0))
+    monkeypatch.setattr(dm, "exists", lambda name: True)
+    agent = Agent("b", kube, NoKernel(), NoKernel(), "10.0.0.12",  # type: ignore[arg-type]
+                  initiator="iqn.x:b")
+    agent._replica({"metadata": {"name": "img.b"},
+                    "spec": {"imageCache": "img", "node": "b", "parent": "a"}})
+    return applied
+
+
+A_EXPORT = {"exportAddress": {"portal": "10.0.0.11:3260", "iqn": "iqn.x:a.img", "lun": 0}}
+
+
+def test_a_child_waits_for_its_parents_acl_before_it_logs_in(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = TreeKube(dict(A_EXPORT))  # the address is known, the ACL not yet there
+    assert agent_round(monkeypatch, kube) == []
+    assert kube.written[-1]["phase"] == "Attaching"
+    assert "admit iqn.x:b" in kube.written[-1]["message"]
+    assert kube.written[-1]["exportInitiators"] is None  # exports nothing yet
+    kube.parent_status["exportInitiators"] = ["iqn.x:b"]
+    assert [w.parent for w in agent_round(monkeypatch, kube)] == [
+        TargetAddress("10.0.0.11:3260", "iqn.x:a.img", 0)]
+
+
+def test_children_that_report_while_the_stack_is_built_are_let_in_the_same_round(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = TreeKube({**A_EXPORT, "exportInitiators": ["iqn.x:b"]})
+    late = child("c", "b")
+    applied = agent_round(monkeypatch, kube, lambda w: kube.siblings.append(late)
+                          if late not in kube.siblings else None)
+    assert [w.children for w in applied] == [(), ("iqn.x:c",)]
+    assert kube.written[-1]["exportInitiators"] == ["iqn.x:c"]

@@ -451,6 +451,13 @@ class Agent:
             self.converged[image] = last
         else:
             seen, steps = stack.apply_image(w, self.backend, self.transport, origin_iqn)
+            # Children that reported while the stack was built (seconds) are let in now, not a
+            # round later: each level of the tree waits for its parent's ACLs.
+            late = children_initiators(self.node, self.kube.replicas({LABEL_IMAGE_CACHE: image}))
+            if steps and late != w.children:
+                w = replace(w, children=late)
+                seen, more = stack.apply_image(w, self.backend, self.transport, origin_iqn)
+                steps = [*steps, *more]
             admitted = stack.exported_to(w, seen, steps)
             held = self.reinstated.get(image)
             if held is not None and w.held_paths:
