@@ -27,8 +27,6 @@ sys.path += [str(Path(__file__).resolve().parents[1] / d) for d in ("operator", 
 from vmthunder.lab.provision import (
     CACHE_DIR,
     CSI_SOCKET,
-    GROUP,
-    VERSION,
     Options,
     Rig,
     guest_env,
@@ -36,6 +34,7 @@ from vmthunder.lab.provision import (
     run_detached,
     run_quick,
 )
+from vmthunder.operator.model import GROUP, VERSION
 
 # The kubelet side of a round, run in the node: one Python start for the whole batch.
 KUBELET = """

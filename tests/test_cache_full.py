@@ -22,11 +22,11 @@ import pytest
 from fault_table import record
 from waiting import wait_for
 
-from vmthunder.lab.provision import CACHE_DIR, GROUP, VERSION, Options, Rig, Run
+from vmthunder.lab.provision import CACHE_DIR, Options, Rig, Run
 from vmthunder.node import labdrive, names
 from vmthunder.node.agent import CACHE_CONDITION
 from vmthunder.node.api import EVENTS_NAMESPACE
-from vmthunder.operator.model import replica_name
+from vmthunder.operator.model import GROUP, VERSION, replica_name
 
 IMAGE = "full"
 FILLER = f"{CACHE_DIR}/filler"

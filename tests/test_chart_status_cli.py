@@ -41,11 +41,21 @@ def test_status_draws_each_node_under_its_parent_with_phase_and_hydration() -> N
     assert text.splitlines() == [
         "golden  Distributing  nodes 4  hydrated 1/4  depth 2",
         "origin",
-        "├── node-a  Hydrated   100%  (4096/4096 regions)",
-        "│   ├── node-c  Hydrating   37%  (1520/4096 regions)  reading from node-b",
-        "│   └── node-d  Pending       -",
-        "└── node-b  Hydrating   24%  (1000/4096 regions)",
+        "├── node-a  Hydrated    100%  (4096/4096 regions)",
+        "│   ├── node-c  Hydrating    37%  (1520/4096 regions)  reading from node-b",
+        "│   └── node-d  Pending        -",
+        "└── node-b  Hydrating    24%  (1000/4096 regions)",
     ]
+
+
+def test_the_longest_phase_keeps_the_hydration_column_aligned() -> None:
+    text = render_status(CACHE, [
+        replica("golden", "node-a", ORIGIN, 1, phase="Prefetching", hydratedRegions=10,
+                totalRegions=4096),
+        replica("golden", "node-b", ORIGIN, 1, phase="Hydrating", hydratedRegions=1000,
+                totalRegions=4096)])
+    a, b = text.splitlines()[2:]
+    assert a.index("%") == b.index("%"), text
 
 
 @pytest.mark.apiserver
@@ -70,8 +80,8 @@ def test_status_command_reads_the_tree_from_the_api_server(control_plane: Contro
     assert lines[0].startswith("status-golden ") and "nodes 2" in lines[0]
     assert lines[1:] == [
         "origin",
-        "└── s-node-a  Hydrating   25%  (50/200 regions)",
-        "    └── s-node-b  Hydrating   25%  (50/200 regions)",
+        "└── s-node-a  Hydrating    25%  (50/200 regions)",
+        "    └── s-node-b  Hydrating    25%  (50/200 regions)",
     ]
     missing = subprocess.run([sys.executable, "-m", "vmthunder.cli", "status", "no-such-cache"],
                              env=cp.env(), capture_output=True, text=True, timeout=60)

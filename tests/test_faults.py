@@ -132,7 +132,7 @@ def outage(storm: tuple[Rig, Run, Killed]) -> Iterator[tuple[Rig, Outage]]:
     import kubernetes
 
     from vmthunder.lab.nodes import set_node_ready
-    from vmthunder.lab.provision import GROUP, VERSION
+    from vmthunder.operator.model import GROUP, VERSION
 
     rig, run, k = storm
     # What the node lifecycle controller does ~40 s after a kubelet falls silent.

@@ -3,8 +3,8 @@
     $ vmthunder status debian-golden
     debian-golden  Distributing  nodes 5  hydrated 1/5  depth 2
     origin
-    ├── node-a  Hydrated   100%  (4096/4096 regions)
-    │   └── node-c  Hydrating   37%  (1520/4096 regions)
+    ├── node-a  Hydrated    100%  (4096/4096 regions)
+    │   └── node-c  Hydrating    37%  (1520/4096 regions)
     ...
 """
 
@@ -18,12 +18,16 @@ from kubernetes.client.exceptions import ApiException
 
 from vmthunder.operator.model import (
     GROUP,
+    HYDRATED_PHASES,
     IMAGE_CACHES,
     IMAGE_REPLICAS,
     LABEL_IMAGE_CACHE,
+    REPLICA_PHASES,
     VERSION,
 )
 from vmthunder.operator.treeview import render_tree
+
+PHASE_WIDTH = max(map(len, REPLICA_PHASES))
 
 
 def _hydration(status: Mapping[str, Any]) -> str:
@@ -39,7 +43,7 @@ def render_status(cache: Mapping[str, Any], replicas: Sequence[Mapping[str, Any]
     name = cache["metadata"]["name"]
     status = cache.get("status") or {}
     hydrated = sum(1 for r in replicas
-                   if (r.get("status") or {}).get("phase") in ("Hydrated", "Detached"))
+                   if (r.get("status") or {}).get("phase") in HYDRATED_PHASES)
     header = (f"{name}  {status.get('phase', 'Unknown')}  nodes {len(replicas)}  "
               f"hydrated {hydrated}/{len(replicas)}  depth {status.get('treeDepth', '-')}")
     parents: dict[str, str] = {}
@@ -48,9 +52,9 @@ def render_status(cache: Mapping[str, Any], replicas: Sequence[Mapping[str, Any]
         node, rstatus = r["spec"]["node"], r.get("status") or {}
         parents[node] = r["spec"]["parent"]
         phase = str(rstatus.get("phase", "Pending"))
-        note = f"{phase:<10} {_hydration(rstatus)}"
+        note = f"{phase:<{PHASE_WIDTH}} {_hydration(rstatus)}"
         attached = rstatus.get("attachedParent")
-        if attached and attached != r["spec"]["parent"] and phase not in ("Hydrated", "Detached"):
+        if attached and attached != r["spec"]["parent"] and phase not in HYDRATED_PHASES:
             note += f"  reading from {attached}"
         notes[node] = note.rstrip()
     return header + "\n" + render_tree(parents, notes)
