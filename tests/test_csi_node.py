@@ -224,18 +224,21 @@ def test_csi_sanity_passes_against_the_driver_with_its_device_mapper_backend(
     assert "sanity-rc=0" in output and len(passed) >= 40
 
 
-KUBELET = """
-import hashlib, json, os, subprocess, sys
+# What each script run in the guest starts with: the plugin's client and a block capability.
+GUEST_CLIENT = """
+import hashlib, json, os, subprocess, sys, threading, time
 from vmthunder.csi.client import connect
 from vmthunder.csi.proto import csi_pb2
-
-SOCKET, NODE, IMAGE, SIZE = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-GROW = 32 << 20
-c = connect("unix://" + SOCKET)
 block = csi_pb2.VolumeCapability(
     block=csi_pb2.VolumeCapability.BlockVolume(),
     access_mode=csi_pb2.VolumeCapability.AccessMode(
         mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+"""
+
+KUBELET = GUEST_CLIENT + """
+SOCKET, NODE, IMAGE, SIZE = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+GROW = 32 << 20
+c = connect("unix://" + SOCKET)
 here = csi_pb2.Topology(segments={"topology.vmthunder.io/node": NODE})
 # external-provisioner with WaitForFirstConsumer: the scheduled node first in `preferred`.
 vol = c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
@@ -349,16 +352,8 @@ def _volume_gone(custom: kubernetes.client.CustomObjectsApi, vid: str) -> bool:
     return False
 
 
-RESTART_BEFORE = """
-import json, os
-from vmthunder.csi.client import connect
-from vmthunder.csi.proto import csi_pb2
-SOCKET = "%(socket)s"
-c = connect("unix://" + SOCKET)
-block = csi_pb2.VolumeCapability(
-    block=csi_pb2.VolumeCapability.BlockVolume(),
-    access_mode=csi_pb2.VolumeCapability.AccessMode(
-        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+RESTART_BEFORE = GUEST_CLIENT + """
+c = connect("unix://%(socket)s")
 vol = c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
     name="pvc-restart", parameters={"imageCache": "%(image)s"}, volume_capabilities=[block]),
     timeout=120).volume
@@ -376,16 +371,9 @@ os.close(fd)
 print(json.dumps({"volume_id": vol.volume_id}))
 """
 
-RESTART_AFTER = """
-import json, os
-from vmthunder.csi.client import connect
-from vmthunder.csi.proto import csi_pb2
+RESTART_AFTER = GUEST_CLIENT + """
 c = connect("unix://%(socket)s")
 vid = "%(vid)s"
-block = csi_pb2.VolumeCapability(
-    block=csi_pb2.VolumeCapability.BlockVolume(),
-    access_mode=csi_pb2.VolumeCapability.AccessMode(
-        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
 # kubelet re-issues stage and publish after a plugin restart: both must find the kernel state.
 c.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
     volume_id=vid, staging_target_path="/tmp/restart/staging", volume_capability=block),
@@ -418,11 +406,8 @@ def test_a_restarted_node_plugin_finds_its_volumes_in_the_kernel(rig: Rig) -> No
     _wait("the ImageVolume to go", lambda: _volume_gone(rig.custom, vid), timeout=60)
 
 
-HELD = """
-import json, os, threading, time
+HELD = GUEST_CLIENT + """
 import kubernetes
-from vmthunder.csi.client import connect
-from vmthunder.csi.proto import csi_pb2
 
 REPLICA = "%(replica)s"
 custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config())
@@ -432,10 +417,6 @@ def phase(p):
         "vmthunder.io", "v1alpha1", "imagereplicas", REPLICA, {"status": {"phase": p}})
 
 c = connect("unix://%(socket)s")
-block = csi_pb2.VolumeCapability(
-    block=csi_pb2.VolumeCapability.BlockVolume(),
-    access_mode=csi_pb2.VolumeCapability.AccessMode(
-        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
 vid = c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
     name="pvc-held", parameters={"imageCache": "%(image)s"}, volume_capabilities=[block]),
     timeout=120).volume.volume_id
