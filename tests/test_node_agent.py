@@ -40,6 +40,7 @@ from vmthunder.node.cache import CacheState
 from vmthunder.node.hydrate import UNLIMITED, Hydrator, Upstream, hydration_order, upstream_of
 from vmthunder.node.iscsi import TargetAddress
 from vmthunder.node.stack import Want
+from vmthunder.node.transport import Connection
 from vmthunder.operator.model import ready_for_vms
 
 CACHE_SPEC = {"source": {"iscsi": {"portal": "10.0.0.2", "iqn": "iqn.2026-11.io.x:gold"}}}
@@ -64,19 +65,22 @@ def test_parent_without_an_export_address_means_wait() -> None:
 def test_a_child_logs_in_only_once_its_parents_status_lists_its_initiator() -> None:
     assert parent_admits({"parent": names.ORIGIN}, None, "iqn.x:b")
     addr = {"exportAddress": {"portal": "10.0.0.11:3260", "iqn": "iqn.x:a.img", "lun": 0}}
-    assert not parent_admits({"parent": "a"}, addr, "iqn.x:b")
-    assert not parent_admits({"parent": "a"}, {**addr, "exportInitiators": ["iqn.x:c"]},
-                             "iqn.x:b")
+    for listed in ([], ["iqn.x:c"]):
+        assert not parent_admits({"parent": "a"}, {**addr, "exportInitiators": listed},
+                                 "iqn.x:b")
     assert parent_admits({"parent": "a"}, {**addr, "exportInitiators": ["iqn.x:b"]}, "iqn.x:b")
+    # A parent whose status has no list (an older agent, a CRD that drops the field) says
+    # nothing either way: the child logs in as before.
+    assert parent_admits({"parent": "a"}, addr, "iqn.x:b")
 
 
-def test_status_lists_the_exports_initiators_and_drops_the_field_without_an_export() -> None:
+def test_status_lists_the_exports_initiators_and_an_empty_list_without_an_export() -> None:
     r = report(CacheState("caching", 2, 16), 10)
     now = datetime.now(UTC)
     with_acl = Report(**{**r.__dict__, "admitted": ("iqn.x:c", "iqn.x:d")})
     assert plan_status(with_acl, {}, now)["exportInitiators"] == ["iqn.x:c", "iqn.x:d"]
-    # None in a merge patch deletes the field: a node exporting nothing admits nobody.
-    assert plan_status(r, {"exportInitiators": ["iqn.x:c"]}, now)["exportInitiators"] is None
+    # Always a list: a child reads a missing one as a parent that does not say.
+    assert plan_status(r, {"exportInitiators": ["iqn.x:c"]}, now)["exportInitiators"] == []
 
 
 def test_a_hold_puts_its_deadline_in_the_status_and_vms_wait_no_longer_than_that() -> None:
@@ -402,18 +406,26 @@ def child(node: str, parent: str) -> dict[str, Any]:
 
 
 class NoKernel:
+    """The cache layer and the transport: `sessions` to parents, and with them a complete
+    cache (no hydrator thread to start)."""
+
     cache_dir = "/var/lib/vmthunder"
 
+    def __init__(self, *sessions: TargetAddress) -> None:
+        self.sessions = sessions
+
     def observe(self, image: str) -> CacheState:
-        return CacheState("absent")
+        return CacheState("caching", 16, 16) if self.sessions else CacheState("absent")
 
     def connections(self) -> dict[TargetAddress, Any]:
-        return {}
+        return {a: Connection(f"8:{16 * i}", True) for i, a in enumerate(self.sessions)}
 
 
 def agent_round(monkeypatch: pytest.MonkeyPatch, kube: TreeKube,
-                on_apply: Callable[[Want], None] = lambda w: None) -> list[Want]:
-    """One round of node b's replica of img under parent a; returns the Wants applied."""
+                on_apply: Callable[[Want], None] = lambda w: None,
+                kernel: NoKernel | None = None) -> list[Want]:
+    """One round of node b's replica of img under parent a; returns the Wants applied (the
+    kernel as `kernel` says, the steps as planned from nothing built)."""
     applied: list[Want] = []
 
     def apply_image(w: Want, *_: object) -> tuple[stack.Seen, list[stack.Step]]:
@@ -422,28 +434,49 @@ def agent_round(monkeypatch: pytest.MonkeyPatch, kube: TreeKube,
         return stack.Seen(None, None), stack.plan_image(w, stack.Seen(None, None))
 
     monkeypatch.setattr(stack, "apply_image", apply_image)
+    monkeypatch.setattr(stack, "let_in", lambda w: applied.append(w) or stack.Export(
+        stack.export_spec(w)))
     monkeypatch.setattr(stack, "counters", lambda image: stack.Counters(0, 0))
     monkeypatch.setattr(dm, "exists", lambda name: True)
-    agent = Agent("b", kube, NoKernel(), NoKernel(), "10.0.0.12",  # type: ignore[arg-type]
+    monkeypatch.setattr(dm, "ensure_nodes", lambda *names: None)
+    kernel = kernel or NoKernel()
+    agent = Agent("b", kube, kernel, kernel, "10.0.0.12",  # type: ignore[arg-type]
                   initiator="iqn.x:b")
     agent._replica({"metadata": {"name": "img.b"},
                     "spec": {"imageCache": "img", "node": "b", "parent": "a"}})
     return applied
 
 
-A_EXPORT = {"exportAddress": {"portal": "10.0.0.11:3260", "iqn": "iqn.x:a.img", "lun": 0}}
+A = TargetAddress("10.0.0.11:3260", names.export_iqn("img", "a"), 0)
+A_EXPORT = {"exportAddress": {"portal": A.portal, "iqn": A.iqn, "lun": 0}}
 
 
 def test_a_child_waits_for_its_parents_acl_before_it_logs_in(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    kube = TreeKube(dict(A_EXPORT))  # the address is known, the ACL not yet there
-    assert agent_round(monkeypatch, kube) == []
+    kube = TreeKube({**A_EXPORT, "exportInitiators": []})  # exported, no ACL for b yet
+    applied = agent_round(monkeypatch, kube)
+    assert [w.parent for w in applied] == [None]  # nothing to log in to
+    assert "Attach" not in {type(s).__name__ for s in stack.plan_image(
+        applied[0], stack.Seen(None, None))}
     assert kube.written[-1]["phase"] == "Attaching"
     assert "admit iqn.x:b" in kube.written[-1]["message"]
-    assert kube.written[-1]["exportInitiators"] is None  # exports nothing yet
+    assert kube.written[-1]["exportInitiators"] == []  # exports nothing yet
     kube.parent_status["exportInitiators"] = ["iqn.x:b"]
-    assert [w.parent for w in agent_round(monkeypatch, kube)] == [
-        TargetAddress("10.0.0.11:3260", "iqn.x:a.img", 0)]
+    assert [w.parent for w in agent_round(monkeypatch, kube)] == [A]
+
+
+def test_a_node_moved_to_a_parent_that_has_not_let_it_in_keeps_reading_the_old_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    old = TargetAddress("10.0.0.13:3260", names.export_iqn("img", "old"), 0)
+    kube = TreeKube({**A_EXPORT, "exportInitiators": ["iqn.x:c"]})
+    kube.siblings.append(child("c", "b"))
+    applied = agent_round(monkeypatch, kube, kernel=NoKernel(old))
+    # The stack keeps its source and session (no logout) and still lets its own child in.
+    assert [(w.parent, w.children) for w in applied] == [(old, ("iqn.x:c",))]
+    assert "Logout" not in {type(s).__name__ for s in stack.plan_image(
+        applied[0], stack.Seen(("8:0",), "multipath", {old: "8:0"}, CacheState("caching", 3, 16),
+                               True, None))}
+    assert "admit iqn.x:b" in kube.written[-1]["message"]
 
 
 def test_children_that_report_while_the_stack_is_built_are_let_in_the_same_round(

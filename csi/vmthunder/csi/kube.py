@@ -229,11 +229,11 @@ class KubeState:
 
     def wait_replica(self, image_cache: str, node: str,
                      until: Callable[[dict[str, Any] | None], bool], timeout: float,
-                     recheck: float = 5.0) -> tuple[bool, dict[str, Any] | None]:
+                     recheck: float | None = None) -> tuple[bool, dict[str, Any] | None]:
         """Waits until `until(status)` holds for the node's replica of the image (status as
         replica_status gives it), on a watch of that one object: a wait of minutes costs no
-        polling (a TCG guest's CPU is what its neighbours' boots run on). `until` is asked
-        again every `recheck` seconds with no change too, for conditions that hold by time.
+        polling (a TCG guest's CPU is what its neighbours' boots run on). With `recheck`,
+        `until` is asked that often with no change too, for conditions that hold by time.
         Returns whether it held, and the last status seen."""
         name = replica_name(image_cache, node)
         deadline = time.monotonic() + timeout
@@ -247,7 +247,7 @@ class KubeState:
                 for event in watch.stream(  # type: ignore[no-untyped-call]
                         self.custom.list_cluster_custom_object, GROUP, VERSION, IMAGE_REPLICAS,
                         field_selector=f"metadata.name={name}",
-                        timeout_seconds=max(1, int(min(left, recheck)))):
+                        timeout_seconds=max(1, int(min(left, recheck or left)))):
                     obj = event.get("object")
                     if not isinstance(obj, dict) or obj.get("kind") != "ImageReplica":
                         continue  # a watch error (its Status): the loop below looks again

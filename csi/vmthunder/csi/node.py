@@ -37,6 +37,9 @@ from vmthunder.csi.proto import csi_pb2, csi_pb2_grpc
 RPC = csi_pb2.NodeServiceCapability.RPC
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 SECTOR: Final = 512
+# How often the boot set's wait looks again with no change: a hold ends by time too
+# (status.holdUntil), and no event says so when its agent is gone.
+HOLD_RECHECK_SECONDS: Final = 5.0
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -158,7 +161,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         so the VM's boot reads find their blocks local."""
         usable, status = self.state.wait_replica(
             volume.image_cache, self.node_id, lambda s: ready_for_vms(s, datetime.now(UTC)),
-            max(0.0, deadline - time.monotonic()))
+            max(0.0, deadline - time.monotonic()), recheck=HOLD_RECHECK_SECONDS)
         phase = phase_of(status)
         if not usable:
             raise CsiError(

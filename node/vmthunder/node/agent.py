@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -81,10 +81,19 @@ def parent_admits(replica_spec: Mapping[str, Any], parent_status: Mapping[str, A
                   initiator: str) -> bool:
     """Whether the parent's export has an ACL for `initiator` yet (the origin's always does).
     A login before that is refused, and a refused login costs seconds in iscsiadm and a
-    Failed round: a child logs in only once its parent's status lists it."""
+    Failed round: a child logs in only once its parent's status lists it. A status without
+    the list (a parent agent from before it, a CRD not upgraded) says nothing: log in."""
     if replica_spec.get("parent") == names.ORIGIN:
         return True
-    return initiator in ((parent_status or {}).get("exportInitiators") or ())
+    listed = (parent_status or {}).get("exportInitiators")
+    return listed is None or initiator in listed
+
+
+def source_while_awaiting(sessions: Collection[TargetAddress]) -> TargetAddress | None:
+    """What the stack reads while its new parent has not let it in yet: the session it has
+    (its old parent's), so nothing is logged out and its export, ACLs and detach still
+    converge; None with no session (nothing built from a parent yet, or detached)."""
+    return next(iter(sessions)) if len(sessions) == 1 else None
 
 
 def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
@@ -132,7 +141,7 @@ class Report:
     message: str
     parent_lost: bool = False  # the session to the wanted parent carries no I/O
     cache_dir: str = ""
-    admitted: tuple[str, ...] | None = None  # the initiators our export's ACLs let in
+    admitted: tuple[str, ...] = ()  # the initiators our export's ACLs let in
     hold_until: datetime | None = None  # while volumes wait for the prefetch: until when
 
 
@@ -184,7 +193,7 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
         "bytesServed": max(prev_served, r.bytes_served),
         "hydratedInOrder": r.hydrated_in_order,
         "exportAddress": {"portal": r.export.portal, "iqn": r.export.iqn, "lun": r.export.lun},
-        "exportInitiators": list(r.admitted) if r.admitted is not None else None,
+        "exportInitiators": list(r.admitted),
         "holdUntil": r.hold_until.strftime("%Y-%m-%dT%H:%M:%SZ") if r.hold_until else None,
         "attachedParent": r.attached_parent,
         "heartbeat": stamp,
@@ -318,6 +327,20 @@ def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
 
 # --- the loop ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Hold:
+    """Until when an image's volumes wait for its prefetch: one deadline for all the image's
+    hydrators, so a failing one cannot hold volumes back for ever."""
+
+    until: float  # time.monotonic()
+    wall: datetime  # the same deadline (rounded up) in the status, for the CSI node plugin
+
+    @staticmethod
+    def lasting(seconds: float) -> Hold:
+        return Hold(time.monotonic() + seconds,
+                    datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=seconds + 1))
+
+
 class Agent:
     def __init__(self, node: str, kube: Kube, backend: CacheBackend, transport: Transport,
                  export_ip: str, *, initiator: str | None = None, multipath: bool = True,
@@ -333,12 +356,7 @@ class Agent:
         self.profile_file = profile_file
         self.news = news  # wakes the loop for a round now (a prefetch done releases volumes)
         self.hydrators: dict[str, Hydrator] = {}
-        # per image: until when volumes wait for the boot profile's prefetch; one deadline for
-        # all the image's hydrators, so a failing one cannot hold volumes back for ever
-        self.hold_until: dict[str, float] = {}
-        # time.monotonic() + this = the wall clock: the status carries the hold's deadline for
-        # the CSI node plugin, fixed for the agent's life so the status does not move with it
-        self.wall_offset = time.time() - time.monotonic()
+        self.holds: dict[str, Hold] = {}  # per image
         self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
         self.statuses: dict[str, dict[str, Any]] = {}  # per image: the status last written
         self.converged: dict[str, Converged] = {}
@@ -391,7 +409,7 @@ class Agent:
         if users:
             log.info("keeping %s: volumes still use it (%s)", image, users)
             return False
-        self.hold_until.pop(image, None)
+        self.holds.pop(image, None)
         h = self.hydrators.pop(image, None)
         if h:
             h.stop()
@@ -418,31 +436,38 @@ class Agent:
         children = children_initiators(self.node, siblings)
         region = int(cspec.get("regionSizeBytes", DEFAULT_REGION))
         origin_iqn = ((cspec.get("source") or {}).get("iscsi") or {}).get("iqn")
+        # An agent killed inside dm.create leaves a device without its node (dm.ensure_nodes);
+        # the size probe below reads the cache device by its path.
+        dm.ensure_nodes(names.src_dev(image), names.cache_dev(image), names.export_dev(image))
         connections = self.transport.connections()  # one walk of the sessions in sysfs
         image_sessions = stack.sessions_of_image(image, origin_iqn, transports.devices(connections))
         # A session made already stays whatever the parent's status says now.
-        refused = (parent is not None and parent not in image_sessions
-                   and not parent_admits(spec, parent_status, self.initiator))
+        awaiting_acl = (parent is not None and parent not in image_sessions
+                        and not parent_admits(spec, parent_status, self.initiator))
+        source = source_while_awaiting(image_sessions) if awaiting_acl else parent
         size = int(cspec.get("sizeBytes") or (ic.get("status") or {}).get("imageSizeBytes") or 0)
-        if not size and not refused:
-            size = self._probe_size(image, parent, chap)
+        if not size:
+            size = self._probe_size(image, source, chap)
         w = stack.Want(
-            image=image, node=self.node, size=size, region_bytes=region, parent=parent,
+            image=image, node=self.node, size=size, region_bytes=region, parent=source,
             parent_chap=chap, export_ip=self.export_ip, children=children, children_chap=chap,
             detach_when_hydrated=cspec.get("detachPolicy", "WhenHydrated") == "WhenHydrated",
             multipath=self.multipath,
-            held_paths=plan_held_paths(self.reinstated.get(image), parent, time.monotonic()),
+            held_paths=plan_held_paths(self.reinstated.get(image), source, time.monotonic()),
         )
         message = ""
-        attached = ""
         previous = r.get("status") or {}
-        admitted = previous.get("exportInitiators")  # unchanged unless a full round looks
+        # While awaiting its new parent the node still reads from the old one.
+        attached = str(previous.get("attachedParent") or "") if awaiting_acl else ""
         cache = self.backend.observe(image)
+        # Unchanged unless a full round looks; nothing is exported without a stack.
+        admitted: tuple[str, ...] | None = (
+            tuple(previous.get("exportInitiators") or ()) if cache.kind != "absent" else None)
         sessions = session_states(image_sessions, transports.broken(connections))
         last = self.converged.pop(image, None)  # kept below only if this round changes nothing
         now = time.monotonic()
-        if refused:
-            message = f"waiting for {spec['parent']}'s export to admit {self.initiator}"
+        if awaiting_acl and len(image_sessions) > 1:
+            pass  # which one -src reads is for a round after the new parent lets us in
         elif not size:
             message = "waiting for the parent's export"
         elif last is not None and not plan_full_round(last, w, cache, sessions, now):
@@ -451,21 +476,24 @@ class Agent:
             self.converged[image] = last
         else:
             seen, steps = stack.apply_image(w, self.backend, self.transport, origin_iqn)
+            admitted = stack.exported_to(w, seen, steps)
             # Children that reported while the stack was built (seconds) are let in now, not a
             # round later: each level of the tree waits for its parent's ACLs.
             late = children_initiators(self.node, self.kube.replicas({LABEL_IMAGE_CACHE: image}))
-            if steps and late != w.children:
-                w = replace(w, children=late)
-                seen, more = stack.apply_image(w, self.backend, self.transport, origin_iqn)
-                steps = [*steps, *more]
-            admitted = stack.exported_to(w, seen, steps)
+            if steps and admitted is not None and late != w.children:
+                try:
+                    acls = stack.let_in(replace(w, children=late))
+                    w, admitted = replace(w, children=late), acls.spec.initiators
+                    steps.append(acls)
+                except Exception:  # the stack is built: the next round tries again
+                    log.exception("%s: letting in %s", image, late)
             held = self.reinstated.get(image)
             if held is not None and w.held_paths:
                 self.reinstated[image] = replace(held, failing=held.device in seen.failed_paths)
             for step in steps:
-                if isinstance(step, stack.ReinstatePath) and parent is not None:
+                if isinstance(step, stack.ReinstatePath) and source is not None:
                     self.reinstated[image] = plan_reinstated(
-                        self.reinstated.get(image), parent, step.device, now)
+                        self.reinstated.get(image), source, step.device, now)
             if steps:
                 message = "applied: " + ", ".join(type(s).__name__ for s in steps)
                 log.info("%s: %s", image, message)
@@ -473,23 +501,26 @@ class Agent:
                 on_parent = dm.exists(names.src_dev(image))
             else:
                 on_parent = seen.src_kind is not None
-            if cache.kind == "caching" and parent is not None and on_parent:
+            if cache.kind == "caching" and parent is not None and on_parent and not awaiting_acl:
                 attached = str(spec["parent"])
             if not steps:
                 self.converged[image] = Converged(
                     w, cache.kind, cache.complete, session_states(seen.sessions, seen.broken),
                     attached, now, admitted)
+        if awaiting_acl:
+            message = f"waiting for {spec['parent']}'s export to admit {self.initiator}"
         held = self.reinstated.get(image)
         if w.held_paths and held is not None and held.failing:
             message = (f"the path to the parent failed again right after being reinstated, "
                        f"{held.times} times in a row: retrying with a backoff")
         upstream = upstream_of(spec.get("parent") == names.ORIGIN, parent_status)
-        h = self._hydrator(image, cache, cspec, size, region, parent is not None, upstream)
+        h = self._hydrator(image, cache, cspec, size, region, source is not None, upstream)
         c = stack.counters(image)
-        holding = h is not None and h.holding()
+        phase = plan_phase(cache, parent is not None, h.hydrated_in_order if h else 0,
+                           h.error if h else None, h is not None and h.holding())
+        hold = self.holds.get(image)
         rep = Report(
-            phase=plan_phase(cache, parent is not None, h.hydrated_in_order if h else 0,
-                             h.error if h else None, holding),
+            phase=phase,
             cache=cache, bytes_from_parent=c.bytes_from_parent, bytes_served=c.bytes_served,
             hydrated_in_order=h.hydrated_in_order if h else 0,
             export=TargetAddress(f"{self.export_ip}:3260", names.export_iqn(image, self.node)),
@@ -497,9 +528,8 @@ class Agent:
             parent_lost=parent is not None and (parent, False) in sessions,
             cache_dir=self.backend.cache_dir,
             message=(h.error if h and h.error else self.notes.get(image) or message),
-            admitted=None if admitted is None else tuple(admitted),
-            hold_until=(datetime.fromtimestamp(round(h.hold_until + self.wall_offset), UTC)
-                        if h is not None and holding else None),
+            admitted=admitted or (),
+            hold_until=hold.wall if phase == "Prefetching" and hold is not None else None,
         )
         stamp = datetime.now(UTC)
         status = plan_status(rep, previous, stamp)
@@ -532,7 +562,7 @@ class Agent:
             h.upstream = upstream
             if h.is_alive() or h.error:
                 return h
-        if cache.kind != "caching" or cache.complete or not has_parent:
+        if cache.kind != "caching" or cache.complete or not has_parent or not size:
             return h
         prefetch = cspec.get("prefetch") or {}
         order, problem = self._prefetch_order(image, prefetch, region, size)
@@ -547,9 +577,9 @@ class Agent:
                      idle_seconds=float(hydration.get("idleSeconds", DEFAULT_IDLE_SECONDS)),
                      # a cache already holding as much as the profile (an agent restart) is
                      # not held again
-                     hold_until=self.hold_until.setdefault(image, time.monotonic() + (
+                     hold_until=self.holds.setdefault(image, Hold.lasting(
                          0.0 if cache.hydrated >= len(order) else
-                         float(prefetch.get("holdSeconds", DEFAULT_HOLD_SECONDS)))),
+                         float(prefetch.get("holdSeconds", DEFAULT_HOLD_SECONDS)))).until,
                      upstream=upstream, on_prefetched=self.news)
         h.start()
         self.hydrators[image] = h
@@ -594,11 +624,11 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
     transport = IscsiTransport(tmo)
     # Modules, iscsid and rtslib's import take seconds in a small guest: paid here, not by
     # the first attach and export, which each level of the tree waits for.
-    try:
-        transport.prepare()
-        lio.prepare()
-    except Exception:  # the first round tries again and reports what fails
-        log.exception("preparing the kernel side")
+    for prepare in (transport.prepare, lio.prepare):
+        try:
+            prepare()
+        except Exception:  # the first round tries again and reports what fails
+            log.exception("preparing the kernel side")
     kube = WatchedKube(load_api_client(), node).start()
     agent = Agent(node, kube, make_backend(backend, cache_dir), transport, export_ip,
                   multipath=multipath, profile_file=profile_file, news=kube.wake.set)

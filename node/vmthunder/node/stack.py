@@ -188,12 +188,20 @@ def plan_image(w: Want, s: Seen) -> list[Step]:
 
 
 def exported_to(w: Want, seen: Seen, steps: Sequence[Step]) -> tuple[str, ...] | None:
-    """The initiators the image's export lets in once `steps` ran; None: no export yet."""
+    """The initiators the image's export lets in once `steps` ran; None: no export with
+    `w`'s ACLs (none built yet, or the plan stopped short of it)."""
     spec = export_spec(w)
     if any(isinstance(s, Export) for s in steps) or (
             seen.export is not None and _export_matches(seen.export, spec)):
         return spec.initiators
     return None
+
+
+def let_in(w: Want) -> Export:
+    """Converges the built export's ACLs to `w.children`; returns the step it took."""
+    step = Export(export_spec(w))
+    lio.ensure_export(step.spec)
+    return step
 
 
 def _key(a: TargetAddress) -> tuple[str, str, int]:

@@ -29,21 +29,6 @@ USABLE_REPLICA_PHASES: Final = frozenset({"Attached", "Hydrating", "Hydrated", "
 # The image device exists; while Prefetching, volumes are built but their VMs wait, so the
 # boot reads find the boot set local instead of racing the prefetch up the tree.
 ATTACHED_REPLICA_PHASES: Final = USABLE_REPLICA_PHASES | {"Prefetching"}
-
-
-def ready_for_vms(status: Mapping[str, Any] | None, now: datetime) -> bool:
-    """Whether VMs may start on a replica with this status: usable, or Prefetching past the
-    hold's deadline (status.holdUntil). The agent ends the hold itself; the deadline in the
-    status is for an agent that died or hung holding: its node's volumes wait no longer."""
-    if status is None:
-        return False
-    phase = status.get("phase", "Pending")
-    if phase in USABLE_REPLICA_PHASES:
-        return True
-    until = status.get("holdUntil")
-    if phase != "Prefetching" or not until:
-        return False
-    return now >= _utc(datetime.fromisoformat(str(until).replace("Z", "+00:00")))
 # A replica's condition: False while its node has no room for the cache and passes reads
 # through to its parent (it then takes no children).
 CACHE_CONDITION: Final = "Cached"
@@ -134,6 +119,24 @@ def _utc(t: datetime) -> datetime:
     """A time without a zone is UTC (the API's date-time format allows it): comparing a naive
     time with the operator's aware clock would raise TypeError in every planning pass."""
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def ready_for_vms(status: Mapping[str, Any] | None, now: datetime) -> bool:
+    """Whether VMs may start on a replica with this status: usable, or Prefetching past the
+    hold's deadline (status.holdUntil). The agent ends the hold itself; the deadline in the
+    status is for an agent that died or hung holding: its node's volumes wait no longer."""
+    if status is None:
+        return False
+    phase = status.get("phase", "Pending")
+    if phase in USABLE_REPLICA_PHASES:
+        return True
+    until = status.get("holdUntil")
+    if phase != "Prefetching" or not until:
+        return False
+    try:
+        return now >= _utc(datetime.fromisoformat(str(until).replace("Z", "+00:00")))
+    except ValueError:  # not a time (the CRD's format check is not everywhere): held
+        return False
 
 
 @dataclass(frozen=True)
