@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Creates the project's Python environment outside the repo, keyed by pyproject.toml's hash,
-# installs the project into it (editable) and generates the CSI stubs from the spec's csi.proto.
-# Prints the venv path. Idempotent.
+# Creates the project's Python environment outside the repo, keyed by pyproject.toml's hash and
+# the checkout's path (the project is installed editable: a venv shared by two checkouts would
+# run the first one's code in the second's tests), and generates the CSI stubs from the spec's
+# csi.proto. Prints the venv path. Idempotent.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${VMT_CACHE:-$HOME/.cache/vmthunder}
-key=$(sha256sum "$top/pyproject.toml" | cut -c1-12)
+key=$({ echo "$top"; cat "$top/pyproject.toml"; } | sha256sum | cut -c1-12)
 venv=$CACHE/venv-$key
 if [ ! -x "$venv/bin/vmthunder" ] || [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
