@@ -476,24 +476,8 @@ class Agent:
             self.converged[image] = last
         else:
             seen, steps = stack.apply_image(w, self.backend, self.transport, origin_iqn)
-            admitted = stack.exported_to(w, seen, steps)
-            # Children that reported while the stack was built (seconds) are let in now, not a
-            # round later: each level of the tree waits for its parent's ACLs.
-            late = children_initiators(self.node, self.kube.replicas({LABEL_IMAGE_CACHE: image}))
-            if steps and admitted is not None and late != w.children:
-                try:
-                    acls = stack.let_in(replace(w, children=late))
-                    w, admitted = replace(w, children=late), acls.spec.initiators
-                    steps.append(acls)
-                except Exception:  # the stack is built: the next round tries again
-                    log.exception("%s: letting in %s", image, late)
-            held = self.reinstated.get(image)
-            if held is not None and w.held_paths:
-                self.reinstated[image] = replace(held, failing=held.device in seen.failed_paths)
-            for step in steps:
-                if isinstance(step, stack.ReinstatePath) and source is not None:
-                    self.reinstated[image] = plan_reinstated(
-                        self.reinstated.get(image), source, step.device, now)
+            w, admitted = self._let_in_late(w, stack.exported_to(w, seen, steps), steps)
+            self._note_reinstated(w, seen, steps, source, now)
             if steps:
                 message = "applied: " + ", ".join(type(s).__name__ for s in steps)
                 log.info("%s: %s", image, message)
@@ -531,22 +515,56 @@ class Agent:
             admitted=admitted or (),
             hold_until=hold.wall if phase == "Prefetching" and hold is not None else None,
         )
+        self.statuses[image] = self._write_status(r, rep)
+        if attached and previous.get("attachedParent") not in ("", None, attached):
+            metrics.REPARENTS.labels(image).inc()
+        if h is not None and h.error:
+            self.hydrators.pop(image, None)  # a fresh one next round
+
+    def _write_status(self, r: Mapping[str, Any], rep: Report) -> dict[str, Any]:
+        """Writes the replica's status if it changed or a heartbeat is due, with an Event when
+        the cache's condition turns; returns the status."""
+        previous = r.get("status") or {}
         stamp = datetime.now(UTC)
         status = plan_status(rep, previous, stamp)
         if plan_status_write(previous, status, stamp):
             self.kube.patch_status(r["metadata"]["name"], status)
             event = plan_cache_event(previous, status)
             if event is not None:
-                log.warning("%s: %s: %s", image, event[1], event[2])
+                log.warning("%s: %s: %s", r["spec"]["imageCache"], event[1], event[2])
                 try:
                     self.kube.event(r, *event, source=self.node)
                 except Exception:  # the condition says it too: an Event lost is no failure
-                    log.exception("event for %s", image)
-        if attached and previous.get("attachedParent") not in ("", None, attached):
-            metrics.REPARENTS.labels(image).inc()
-        self.statuses[image] = status
-        if h is not None and h.error:
-            self.hydrators.pop(image, None)  # a fresh one next round
+                    log.exception("event for %s", r["metadata"]["name"])
+        return status
+
+    def _let_in_late(self, w: stack.Want, admitted: tuple[str, ...] | None,
+                     steps: list[stack.Step]) -> tuple[stack.Want, tuple[str, ...] | None]:
+        """Lets in the children that reported while the stack was built (seconds) now, not a
+        round later: each level of the tree waits for its parent's ACLs. Returns the want and
+        the initiators admitted after it; `steps` gets the Export it took."""
+        late = children_initiators(self.node, self.kube.replicas({LABEL_IMAGE_CACHE: w.image}))
+        if not steps or admitted is None or late == w.children:
+            return w, admitted
+        try:
+            acls = stack.let_in(replace(w, children=late))
+        except Exception:  # the stack is built: the next round tries again
+            log.exception("%s: letting in %s", w.image, late)
+            return w, admitted
+        steps.append(acls)
+        return replace(w, children=late), acls.spec.initiators
+
+    def _note_reinstated(self, w: stack.Want, seen: stack.Seen, steps: Sequence[stack.Step],
+                         source: TargetAddress | None, now: float) -> None:
+        """Records a path to the parent reinstated in this round, and whether the one held
+        back since the last reinstatement failed again (plan_held_paths backs off on it)."""
+        held = self.reinstated.get(w.image)
+        if held is not None and w.held_paths:
+            self.reinstated[w.image] = replace(held, failing=held.device in seen.failed_paths)
+        for step in steps:
+            if isinstance(step, stack.ReinstatePath) and source is not None:
+                self.reinstated[w.image] = plan_reinstated(
+                    self.reinstated.get(w.image), source, step.device, now)
 
     def _probe_size(self, image: str, parent: TargetAddress | None, chap: Chap | None) -> int:
         if dm.exists(names.cache_dev(image)):
