@@ -21,6 +21,7 @@ INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
 RC_SESSION_EXISTS = 15
 RC_NO_OBJECTS = 21
 REDACTED: Final = "***"
+RESCAN_AFTER = 1.5  # seconds a logged-in session's disk may take before we ask for a scan
 # Node record keys whose values are secrets (iscsiadm takes them on its command line).
 SECRET_KEYS: Final = frozenset({"node.session.auth.password", "node.session.auth.password_in"})
 
@@ -211,16 +212,20 @@ def login(t: TargetAddress, chap: Chap | None = None, *, replacement_timeout: in
             secrets = (chap.password, chap.mutual_password or "") if chap else ()
             _run(f"login {t.iqn}", [*_node(t), "--login"], ok=(RC_SESSION_EXISTS,),
                  secrets=secrets)
-    deadline = time.monotonic() + wait_disk
+    start = time.monotonic()
+    rescanned = start  # iscsid scans the new session itself; a rescan only if that is slow
     while True:
         s = find_session(t)
         if s is not None and s.disk(t.lun) is not None and os.path.exists(s.disks[t.lun]):
             return s
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now - start > wait_disk:
             raise IscsiError(f"login {t.iqn}", -1, f"no disk for LUN {t.lun} after {wait_disk}s")
-        if s is not None:
+        # Each iscsiadm costs about a second in an emulated guest, which the login waits for.
+        if s is not None and now - rescanned >= RESCAN_AFTER:
             rescan(s.sid)
-        time.sleep(0.2)
+            rescanned = time.monotonic()
+        time.sleep(0.1)
 
 
 def rescan(sid: int) -> None:
