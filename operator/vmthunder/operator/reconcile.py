@@ -83,11 +83,17 @@ def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bo
 
 
 def is_healthy(replica: ReplicaFacts | None, now: datetime) -> bool:
+    """Whether its agent reports. A Failed replica's does too (it retries every round and
+    heartbeats): it stays in the plan, as a leaf (`can_serve`), so a failure its parent
+    caused (one that died between admitting it and its login) ends by moving it."""
     if replica is None:
         return True  # not created yet: nothing says it is unhealthy
-    if replica.phase == "Failed":
-        return False
     return replica.heartbeat is None or now - replica.heartbeat <= HEARTBEAT_STALE_AFTER
+
+
+def can_serve(replica: ReplicaFacts | None) -> bool:
+    """Whether it may have children: a cache that works (not Failed, not passing through)."""
+    return replica is None or (replica.caching and replica.phase != "Failed")
 
 
 def lost_by_children(replica: ReplicaFacts | None, children: Iterable[ReplicaFacts],
@@ -157,7 +163,7 @@ def plan_replicas(
                 topology=node.labels.get(spec.topology_key),
                 parent=replica.parent if replica else None,
                 hydrated=replica.hydrated if replica else False,
-                serves=replica.caching if replica else True,
+                serves=can_serve(replica),
             )
         )
     placements = plan_tree(states, spec.fanout, spec.origin_fanout)
