@@ -203,26 +203,31 @@ def test_a_heartbeat_without_a_timezone_counts_as_utc() -> None:
     assert [r.parent for r in moved.update] == [ORIGIN]  # b leaves the stale a
 
 
-def test_a_failed_replica_that_heartbeats_keeps_no_children_but_leaves_a_dead_parent() -> None:
-    beat = NOW - timedelta(seconds=5)
+def test_a_failed_replica_moves_only_off_a_dead_parent_and_never_keeps_children() -> None:
+    beat, dead = NOW - timedelta(seconds=5), NOW - timedelta(minutes=5)
     nodes = [NodeFacts(n, True) for n in "abc"]
 
     def replica(node: str, parent: str, phase: str, heartbeat: datetime) -> ReplicaFacts:
         depth = 1 if parent == ORIGIN else 2 if parent == "a" else 3
         return ReplicaFacts(f"img.{node}", "img", node, parent, depth, phase, heartbeat)
 
-    # b failed (say its login to a was refused) under a healthy a: it stays, and its child
-    # c moves off it, since a Failed cache serves nobody.
-    facts = [replica("a", ORIGIN, "Attached", beat), replica("b", "a", "Failed", beat),
-             replica("c", "b", "Attached", beat)]
-    plan = plan_replicas("img", CacheSpec(fanout=2), nodes, facts, {"a", "b", "c"}, NOW)
-    assert {r.node: r.parent for r in plan.update} == {"c": "a"}
-    # a died (its heartbeat is stale) after admitting b, whose login then failed: b is moved,
-    # not left retrying a dead parent for ever.
-    dead = NOW - timedelta(minutes=5)
-    facts = [replica("a", ORIGIN, "Attached", dead), replica("b", "a", "Failed", beat)]
-    plan = plan_replicas("img", CacheSpec(fanout=2), nodes[:2], facts, {"a", "b"}, NOW)
-    assert {r.node: r.parent for r in plan.update} == {"b": ORIGIN}
+    def moves(*facts: ReplicaFacts) -> dict[str, str]:
+        plan = plan_replicas("img", CacheSpec(fanout=2, origin_fanout=1), nodes,
+                             list(facts), {"a", "b", "c"}, NOW)
+        return {r.node: r.parent for r in plan.update}
+
+    # Every replica failing at once (a CHAP secret no agent can read) moves nothing: the
+    # tree is there when the cause is fixed, not all of it under the origin.
+    assert moves(replica("a", ORIGIN, "Failed", beat), replica("b", "a", "Failed", beat),
+                 replica("c", "a", "Failed", beat)) == {}
+    # a died (its heartbeat is stale) after admitting b and c; b's login then failed. b is
+    # moved, not left retrying a dead parent for ever, and as a leaf: c goes to the origin,
+    # which has room, not under the failed b.
+    assert moves(replica("a", ORIGIN, "Attached", dead), replica("b", "a", "Failed", beat),
+                 replica("c", "a", "Attached", beat)) == {"b": "c", "c": ORIGIN}
+    # A failed cache serves nobody: its child moves to its healthy parent.
+    assert moves(replica("a", ORIGIN, "Attached", beat), replica("b", "a", "Failed", beat),
+                 replica("c", "b", "Attached", beat)) == {"c": "a"}
 
 
 # --- boot profiles -----------------------------------------------------------------------------

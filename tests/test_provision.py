@@ -2,7 +2,7 @@
 controller on the host, the agent and CSI node plugin in every node, one volume and one
 replayed VM boot per node (vmthunder.lab.provision, what `vmthunder demo` runs).
 
-Cost: about 4-6 minutes of 2 cores under TCG (lab boot, services, boots, full hydration of
+Cost: about 10 minutes of 2 cores under TCG (lab boot, services, boots, full hydration of
 the 768 MiB golden image down a root and its two children), more when the machine is shared.
 """
 

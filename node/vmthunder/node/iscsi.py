@@ -213,7 +213,9 @@ def login(t: TargetAddress, chap: Chap | None = None, *, replacement_timeout: in
             _run(f"login {t.iqn}", [*_node(t), "--login"], ok=(RC_SESSION_EXISTS,),
                  secrets=secrets)
     start = time.monotonic()
-    rescanned = start  # iscsid scans the new session itself; a rescan only if that is slow
+    # iscsid scans a session it just logged in: a rescan only if that is slow. A session
+    # found without its disk gets one at once.
+    rescanned = start if existing is None else start - RESCAN_AFTER
     while True:
         s = find_session(t)
         if s is not None and s.disk(t.lun) is not None and os.path.exists(s.disks[t.lun]):

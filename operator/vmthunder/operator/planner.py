@@ -30,10 +30,11 @@ ready node. What it guarantees (each pinned by a property test in tests/test_pla
   orphan's ancestors are back in the tree before it looks for them. Pass departed nodes as
   `ready=False` with their last parent to let their orphans find their grandparents;
 - deterministic: the same nodes in any order give the same plan;
-- a node that does not serve (`serves=False`: its cache disk is full, it only passes reads
-  through to its parent) gets no children; its children are orphans. Where no serving node
-  has room for a node, it goes under the origin beyond `origin_fanout` (at most one extra
-  child per non-serving node). It is placed as if it had no topology domain.
+- a node that does not serve (`serves=False`: its cache disk is full and it only passes
+  reads through to its parent, or its replica Failed) gets no children; its children are
+  orphans. Where no serving node has room for a node, it goes under the origin beyond
+  `origin_fanout` (at most one extra child per non-serving node). It is placed as if it had
+  no topology domain.
 
 Repairs keep subtrees intact, so a repaired tree can be deeper than a fresh plan would be;
 a fresh plan of the same nodes is the way to rebalance.
@@ -66,7 +67,7 @@ class NodeState:
     topology: str | None = None  # value of the topology label (zone/rack); None = no domain
     parent: str | None = None  # current parent: node name, ORIGIN, or None if unplaced
     hydrated: bool = False  # its cache is complete (a preferred parent)
-    serves: bool = True  # False: it cannot re-export the image (a pass-through): a leaf
+    serves: bool = True  # False: it cannot re-export the image (a pass-through, Failed): a leaf
 
 
 @dataclass(frozen=True)

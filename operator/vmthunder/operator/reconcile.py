@@ -82,13 +82,20 @@ def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bo
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def is_healthy(replica: ReplicaFacts | None, now: datetime) -> bool:
-    """Whether its agent reports. A Failed replica's does too (it retries every round and
-    heartbeats): it stays in the plan, as a leaf (`can_serve`), so a failure its parent
-    caused (one that died between admitting it and its login) ends by moving it."""
+def is_reporting(replica: ReplicaFacts | None, now: datetime) -> bool:
+    """Whether its agent reports (a Failed replica's does: it retries every round)."""
     if replica is None:
         return True  # not created yet: nothing says it is unhealthy
     return replica.heartbeat is None or now - replica.heartbeat <= HEARTBEAT_STALE_AFTER
+
+
+def is_placeable(replica: ReplicaFacts | None, parent_reporting: bool) -> bool:
+    """Whether the plan may place it. A Failed replica keeps its place out of the plan, so a
+    failure everywhere at once (a CHAP secret nobody can read) moves nothing, unless its
+    parent is gone: one that died between admitting it and its login would otherwise be
+    retried for ever. It then moves as a leaf (`can_serve`)."""
+    return (replica is None or replica.phase != "Failed"
+            or (replica.parent != ORIGIN and not parent_reporting))
 
 
 def can_serve(replica: ReplicaFacts | None) -> bool:
@@ -143,11 +150,9 @@ def plan_replicas(
         if name in volume_nodes or selects(spec.node_selector, node.labels)
     )
 
-    states = []
     deadlines = []
     still_lost: dict[str, datetime | None] = {}
     for name in members:
-        node = nodes_by_name[name]
         replica = current.get(name)
         due = lost_parent_deadline(replica, children.get(name, ()), now)
         if due is not None:
@@ -156,10 +161,17 @@ def plan_replicas(
                 lost_by_children(replica, children.get(name, ()), now)
                 or (name in lost and replica.heartbeat == lost[name])):
             still_lost[name] = replica.heartbeat
+    reporting = {name: nodes_by_name[name].ready and is_reporting(current.get(name), now)
+                 and name not in still_lost for name in members}
+    states = []
+    for name in members:
+        node = nodes_by_name[name]
+        replica = current.get(name)
+        parent_reporting = replica is not None and reporting.get(replica.parent, False)
         states.append(
             NodeState(
                 name=name,
-                ready=node.ready and is_healthy(replica, now) and name not in still_lost,
+                ready=reporting[name] and is_placeable(replica, parent_reporting),
                 topology=node.labels.get(spec.topology_key),
                 parent=replica.parent if replica else None,
                 hydrated=replica.hydrated if replica else False,
