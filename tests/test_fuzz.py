@@ -211,10 +211,18 @@ def test_a_failed_replica_moves_only_off_a_dead_parent_and_never_keeps_children(
         depth = 1 if parent == ORIGIN else 2 if parent == "a" else 3
         return ReplicaFacts(f"img.{node}", "img", node, parent, depth, phase, heartbeat)
 
+    def plan(facts: Sequence[ReplicaFacts]) -> dict[str, tuple[str, int]]:
+        p = plan_replicas("img", CacheSpec(fanout=2, origin_fanout=1), nodes, facts,
+                          {"a", "b", "c"}, NOW)
+        return {r.node: (r.parent, r.depth) for r in p.update}
+
     def moves(*facts: ReplicaFacts) -> dict[str, str]:
-        plan = plan_replicas("img", CacheSpec(fanout=2, origin_fanout=1), nodes,
-                             list(facts), {"a", "b", "c"}, NOW)
-        return {r.node: r.parent for r in plan.update}
+        first = plan(facts)
+        # Stable: planning again over the replicas as written moves nothing more.
+        after = [replace(f, parent=first[f.node][0], depth=first[f.node][1])
+                 if f.node in first else f for f in facts]
+        assert plan(after) == {}, after
+        return {node: parent for node, (parent, _) in first.items()}
 
     # Every replica failing at once (a CHAP secret no agent can read) moves nothing: the
     # tree is there when the cause is fixed, not all of it under the origin.
