@@ -114,16 +114,27 @@ def test_a_child_whose_first_round_failed_still_tells_its_parent_its_name() -> N
     # Its parent's export had no ACL for it yet, so the login was refused: the parent adds
     # one only for a name it reads in the child's status (a CI run deadlocked on this).
     now = datetime(2026, 11, 25, tzinfo=UTC)
-    first = plan_failure_status({}, "IscsiError: authorization failure", "iqn.x:b", now)
+    first = plan_failure_status({}, "IscsiError: authorization failure", "iqn.x:b", "a", now)
     child = {"spec": {"parent": "a"}, "status": first}
     assert children_initiators("a", [child]) == ("iqn.x:b",)
     assert first["phase"] == "Failed" and first["message"].startswith("IscsiError")
     # Later failures keep what the status held and one Initiator condition.
     held = {"phase": "Attached", "exportAddress": {"iqn": "iqn.x:b.img"},
             "conditions": [{"type": "Ready", "status": "True"}, first["conditions"][0]]}
-    again = plan_failure_status(held, "boom", "iqn.x:b", now)
+    again = plan_failure_status(held, "boom", "iqn.x:b", "a", now)
     assert again["exportAddress"] == held["exportAddress"]
     assert [c["type"] for c in again["conditions"]] == ["Ready", INITIATOR_CONDITION]
+
+
+def test_a_failed_replica_moved_to_a_new_parent_does_not_accuse_it() -> None:
+    # Its session to "a" was lost; the operator moved it under "c". The lost mark would tell
+    # the operator that "c" died as soon as "c" missed one heartbeat.
+    now = datetime(2026, 11, 26, tzinfo=UTC)
+    lost = {"phase": "Attached", "attachedParent": "a", "parentLostAt": "2026-11-26T00:00:00Z"}
+    assert plan_failure_status(lost, "boom", "iqn.x:b", "a", now)["parentLostAt"] \
+        == "2026-11-26T00:00:00Z"
+    moved = plan_failure_status(lost, "boom", "iqn.x:b", "c", now)
+    assert "parentLostAt" in moved and moved["parentLostAt"] is None  # deleted by the merge
 
 
 def test_phases_follow_the_cache_layer() -> None:

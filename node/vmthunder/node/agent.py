@@ -152,14 +152,17 @@ def initiator_condition(initiator: str) -> dict[str, str]:
 
 
 def plan_failure_status(previous: Mapping[str, Any], error: str, initiator: str,
-                        now: datetime) -> dict[str, Any]:
+                        parent: str, now: datetime) -> dict[str, Any]:
     """The status of a replica whose round failed. It carries the initiator name too: a child
     whose first login is refused (its parent's export has no ACL for it yet) is let in only
-    once the parent reads that name, so a failure must not withhold it."""
+    once the parent reads that name, so a failure must not withhold it. A lost session is
+    kept only while `parent` (the wanted one) is still the parent it was lost to: carried onto
+    a new parent, it would have that one judged gone after a single missed heartbeat."""
     conditions = [c for c in previous.get("conditions") or []
                   if c.get("type") != INITIATOR_CONDITION]
     conditions.append(initiator_condition(initiator))
-    return {**previous, "phase": "Failed", "message": error[:4000],
+    lost_at = previous.get("parentLostAt") if previous.get("attachedParent") == parent else None
+    return {**previous, "phase": "Failed", "message": error[:4000], "parentLostAt": lost_at,
             "heartbeat": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "conditions": conditions}
 
 
@@ -622,7 +625,8 @@ class Agent:
 
     def _report_failure(self, r: Mapping[str, Any], e: Exception) -> None:
         status = plan_failure_status(r.get("status") or {}, f"{type(e).__name__}: {e}",
-                                     self.initiator, datetime.now(UTC))
+                                     self.initiator, str((r.get("spec") or {}).get("parent", "")),
+                                     datetime.now(UTC))
         try:
             self.kube.patch_status(r["metadata"]["name"], status)
         except Exception:
