@@ -465,3 +465,47 @@ def test_stage_builds_the_volume_but_holds_it_while_the_boot_set_is_prefetched(r
     assert out["built_while_held"], out
     assert out["returned_while_held"] == {}, out
     assert out["error"] is None and out["staged_after_release_s"] < 10, out
+
+
+NODES = """
+import json, os
+from vmthunder.node import dm
+
+def rdev(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return "%d:%d" % (os.major(st.st_rdev), os.minor(st.st_rdev))
+
+def kernel_dev(name):
+    for e in os.listdir("/sys/block"):
+        if e.startswith("dm-") and open(f"/sys/block/{e}/dm/name").read().strip() == name:
+            return open(f"/sys/block/{e}/dev").read().strip()
+
+dm.create("vmt-nodes-a", [dm.zero(8)])
+dm.create("vmt-nodes-b", [dm.zero(8)])
+try:
+    a, b = dm.mapper_path("vmt-nodes-a"), dm.mapper_path("vmt-nodes-b")
+    # A killed remove + create can leave a's path naming another device; a killed create none.
+    os.unlink(a)
+    major, minor = map(int, kernel_dev("vmt-nodes-b").split(":"))
+    os.mknod(a, 0o600 | 0o060000, os.makedev(major, minor))
+    os.unlink(b)
+    stale = {"a": rdev(a), "b": rdev(b)}
+    dm.ensure_nodes("vmt-nodes-a", "vmt-nodes-b", "vmt-nodes-absent")
+    print(json.dumps({"stale": stale, "a": rdev(a), "b": rdev(b),
+                      "kernel_a": kernel_dev("vmt-nodes-a"),
+                      "kernel_b": kernel_dev("vmt-nodes-b"),
+                      "absent": os.path.exists(dm.mapper_path("vmt-nodes-absent"))}))
+finally:
+    dm.remove("vmt-nodes-a")
+    dm.remove("vmt-nodes-b")
+"""
+
+
+def test_device_nodes_missing_or_naming_another_device_are_made_right(rig: Rig) -> None:
+    out = rig.guest_python(NODES)
+    assert out["stale"] == {"a": out["kernel_b"], "b": None}  # the damage the test made
+    assert (out["a"], out["b"]) == (out["kernel_a"], out["kernel_b"])
+    assert out["absent"] is False  # no node for a device the kernel lacks

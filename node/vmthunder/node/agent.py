@@ -546,8 +546,10 @@ class Agent:
         """Lets in the children that reported while the stack was built (seconds) now, not a
         round later: each level of the tree waits for its parent's ACLs. Returns the want and
         the initiators admitted after it; `steps` gets the Export it took."""
+        if not steps or admitted is None:
+            return w, admitted
         late = children_initiators(self.node, self.kube.replicas({LABEL_IMAGE_CACHE: w.image}))
-        if not steps or admitted is None or late == w.children:
+        if late == w.children:
             return w, admitted
         try:
             acls = stack.let_in(replace(w, children=late))

@@ -8,6 +8,7 @@ creation/removal ends with `dmsetup mknodes` (harmless where udev runs).
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import time
 from collections.abc import Sequence
@@ -165,21 +166,30 @@ def mknodes(name: str | None = None) -> None:
 
 
 def ensure_nodes(*wanted: str) -> None:
-    """Makes the /dev/mapper node of each of `wanted` the kernel has and the node lacks.
+    """Makes right the /dev/mapper node of each of `wanted` the kernel has: missing, or naming
+    another device number.
 
     With no udev, create() makes the node in a second dmsetup call: a process killed between
-    the two leaves a device no path reaches, and a table naming that path then fails with
-    ENODEV. Read from sysfs, no dmsetup call unless a node is missing."""
-    missing = [n for n in wanted if not os.path.exists(mapper_path(n))]
-    if missing:
-        in_kernel = _sysfs_names()
-        for n in missing:
-            if n in in_kernel:
-                mknodes(n)
+    the two leaves a device no path reaches (or, after a remove killed the same way, a stale
+    node naming the old device), and a table naming that path then fails or maps the wrong
+    device. Read from sysfs and stat, no dmsetup call unless a node is wrong."""
+    in_kernel = _sysfs_devices()
+    for n in wanted:
+        if n in in_kernel and _node_device(mapper_path(n)) != in_kernel[n]:
+            mknodes(n)
 
 
-def _sysfs_names() -> set[str]:
-    out: set[str] = set()
+def _node_device(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISBLK(st.st_mode) else None
+
+
+def _sysfs_devices() -> dict[str, tuple[int, int]]:
+    """Device-mapper name -> (major, minor), as the kernel has them."""
+    out: dict[str, tuple[int, int]] = {}
     try:
         entries = os.listdir("/sys/block")
     except OSError:
@@ -188,9 +198,12 @@ def _sysfs_names() -> set[str]:
         if e.startswith("dm-"):
             try:
                 with open(f"/sys/block/{e}/dm/name") as f:
-                    out.add(f.read().strip())
-            except OSError:
-                pass
+                    name = f.read().strip()
+                with open(f"/sys/block/{e}/dev") as f:
+                    major, minor = f.read().strip().split(":")
+            except (OSError, ValueError):
+                continue
+            out[name] = (int(major), int(minor))
     return out
 
 
