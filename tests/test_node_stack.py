@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vmthunder.node import lio, names, stack
-from vmthunder.node.cache import CacheState, runs
+from vmthunder.node.cache import CacheState, io_runs, runs
 from vmthunder.node.hydrate import (
     Hydrator,
     QuietGate,
@@ -18,6 +20,7 @@ from vmthunder.node.iscsi import TargetAddress
 ORIGIN = TargetAddress("10.0.0.2:3260", "iqn.2026-11.io.example:golden")
 A = TargetAddress("10.0.0.11:3260", names.export_iqn("img", "a"))
 MIB = 1 << 20
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def want(parent: TargetAddress | None = ORIGIN, **kw: object) -> stack.Want:
@@ -176,6 +179,16 @@ def test_corrupt_profile_is_rejected() -> None:
 
 def test_runs_group_consecutive_regions_up_to_a_limit() -> None:
     assert runs([1, 2, 3, 7, 8, 4], 2) == [(1, 2), (3, 1), (7, 2), (4, 1)]
+    # One hydrate call's reads run in parallel: sorted first, its neighbours merge.
+    assert io_runs([7, 2, 3, 8, 1, 4, 2], 3) == [(1, 3), (4, 1), (7, 2)]
+
+
+def test_a_boot_profile_batch_needs_far_fewer_reads_sorted() -> None:
+    profile = plan_prefetch(parse_profile((DATA / "golden-small.boot.profile").read_text()),
+                            65536, 1 << 40)
+    batches = [profile[i:i + 128] for i in range(0, len(profile), 128)]
+    in_order = sum(len(runs(b, 16)) for b in batches)
+    assert sum(len(io_runs(b)) for b in batches) < 0.7 * in_order
 
 
 def test_background_threshold_follows_the_throttle() -> None:
