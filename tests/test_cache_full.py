@@ -76,6 +76,8 @@ def test_a_node_without_room_passes_reads_through_and_says_why(full: tuple[Rig, 
     assert n.read_error is None and n.sha_ok, (n, rig.logs())  # the VM booted the exact image
     r = _replica(rig, g.name)
     assert r["status"]["phase"] == "Attached", r["status"]
+    # It reads from its parent, uncached: a failed round keeps a lost session's mark by this.
+    assert r["status"]["attachedParent"] == r["spec"]["parent"], r["status"]
     cond = _cached(r)
     assert (cond.get("status"), cond.get("reason")) == ("False", "CacheDiskFull"), r["status"]
     assert CACHE_DIR in cond["message"] and "MiB" in cond["message"]

@@ -488,7 +488,9 @@ class Agent:
                 on_parent = dm.exists(names.src_dev(image))
             else:
                 on_parent = seen.src_kind is not None
-            if cache.kind == "caching" and parent is not None and on_parent and not awaiting_acl:
+            # A pass-through reads from its parent too (uncached): it has one, and may lose it.
+            if (cache.kind in ("caching", "passthrough") and parent is not None and on_parent
+                    and not awaiting_acl):
                 attached = str(spec["parent"])
             if not steps:
                 self.converged[image] = Converged(

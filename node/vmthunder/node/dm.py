@@ -172,24 +172,29 @@ def ensure_nodes(*wanted: str) -> None:
     With no udev, create() makes the node in a second dmsetup call: a process killed between
     the two leaves a device no path reaches (or, after a remove killed the same way, a stale
     node naming the old device), and a table naming that path then fails or maps the wrong
-    device. Read from sysfs and stat, no dmsetup call unless a node is wrong."""
-    in_kernel = _sysfs_devices()
-    for n in wanted:
-        if n in in_kernel and _node_device(mapper_path(n)) != in_kernel[n]:
-            mknodes(n)
+    device. Per name a stat and a sysfs read; no dmsetup call unless a node is wrong."""
+    wrong = [n for n in wanted if _node_name(mapper_path(n)) != n]
+    if wrong:
+        in_kernel = _sysfs_names()
+        for n in wrong:
+            if n in in_kernel:
+                mknodes(n)
 
 
-def _node_device(path: str) -> tuple[int, int] | None:
+def _node_name(path: str) -> str | None:
+    """The device-mapper name of the device `path` is a node of, if it is one."""
     try:
         st = os.stat(path)
+        if not stat.S_ISBLK(st.st_mode):
+            return None
+        with open(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/dm/name") as f:
+            return f.read().strip()
     except OSError:
         return None
-    return (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISBLK(st.st_mode) else None
 
 
-def _sysfs_devices() -> dict[str, tuple[int, int]]:
-    """Device-mapper name -> (major, minor), as the kernel has them."""
-    out: dict[str, tuple[int, int]] = {}
+def _sysfs_names() -> set[str]:
+    out: set[str] = set()
     try:
         entries = os.listdir("/sys/block")
     except OSError:
@@ -198,12 +203,9 @@ def _sysfs_devices() -> dict[str, tuple[int, int]]:
         if e.startswith("dm-"):
             try:
                 with open(f"/sys/block/{e}/dm/name") as f:
-                    name = f.read().strip()
-                with open(f"/sys/block/{e}/dev") as f:
-                    major, minor = f.read().strip().split(":")
-            except (OSError, ValueError):
-                continue
-            out[name] = (int(major), int(minor))
+                    out.add(f.read().strip())
+            except OSError:
+                pass
     return out
 
 
