@@ -8,11 +8,12 @@ creation/removal ends with `dmsetup mknodes` (harmless where udev runs).
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from vmthunder.node import blockdev
 
 SECTOR = 512
 DMSETUP = os.environ.get("VMT_DMSETUP", "dmsetup")
@@ -184,12 +185,9 @@ def ensure_nodes(*wanted: str) -> None:
 def _node_name(path: str) -> str | None:
     """The device-mapper name of the device `path` is a node of, if it is one."""
     try:
-        st = os.stat(path)
-        if not stat.S_ISBLK(st.st_mode):
-            return None
-        with open(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/dm/name") as f:
+        with open(f"/sys/block/{blockdev.kernel_name(path)}/dm/name") as f:
             return f.read().strip()
-    except OSError:
+    except (OSError, blockdev.BlockDevError):
         return None
 
 
