@@ -207,6 +207,15 @@ def test_background_waits_until_no_read_but_its_own_for_the_idle_time() -> None:
     assert not gate.open(4.5, 9 * MIB, 4 * MIB)  # reads again: shut again
 
 
+def test_background_does_not_wait_for_the_childrens_reads() -> None:
+    gate = QuietGate(idle_seconds=2.0)
+    assert gate.open(0.0, device_bytes_read=4 * MIB, own_bytes_read=4 * MIB)
+    # the children pulled 8 MiB through the export: still open
+    assert gate.open(1.0, 12 * MIB, 4 * MIB, children_bytes_read=8 * MIB)
+    assert not gate.open(1.5, 13 * MIB, 4 * MIB, 8 * MIB)  # a VM here read 1 MiB
+    assert gate.open(3.5, 21 * MIB, 4 * MIB, 16 * MIB)  # 2 s on: only the children since
+
+
 def test_only_regions_read_and_not_yet_local_are_hydrated_for_their_reads() -> None:
     from vmthunder.node.dm import AreaCounters
 
