@@ -3,6 +3,7 @@ ImageCaches, ImageReplicas and Nodes the driver reads. No private database."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -104,8 +105,15 @@ class KubeState:
 
     def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
-        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.api_client = api_client
         self.version = kubernetes.client.VersionApi(api_client)
+
+    @functools.cached_property
+    def core(self) -> kubernetes.client.CoreV1Api:
+        """Built on first use, by the controller's node lookups: building one imports the core
+        group's generated models (vmthunder.kube.CoreJson says what that costs), which the
+        node plugin never needs."""
+        return kubernetes.client.CoreV1Api(self.api_client)
 
     # --- reachability ---
 

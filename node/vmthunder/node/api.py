@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
+from urllib.parse import quote
 
 from vmthunder.node.iscsi import Chap
 from vmthunder.operator.informer import Informer
@@ -34,8 +35,10 @@ class Kube:
     def __init__(self, api_client: Any) -> None:
         import kubernetes
 
+        from vmthunder.kube import CoreJson
+
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
-        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.core = CoreJson(api_client)
 
     def _get(self, plural: str, name: str) -> Obj | None:
         from kubernetes.client.exceptions import ApiException
@@ -63,16 +66,18 @@ class Kube:
     def chap(self, ref: Mapping[str, Any] | None) -> Chap | None:
         if not ref:
             return None
-        s = self.core.read_namespaced_secret(ref["name"], ref["namespace"])
-        data = {k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()}
+        s = self.core.get(f"/api/v1/namespaces/{quote(ref['namespace'])}/secrets/"
+                          f"{quote(ref['name'])}")
+        data = {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
         return Chap(data["username"], data["password"], data.get("mutualUsername"),
                     data.get("mutualPassword"))
 
     def profile(self, ref: Mapping[str, Any] | None) -> str | None:
         if not ref:
             return None
-        cm = self.core.read_namespaced_config_map(ref["name"], ref["namespace"])
-        return str((cm.data or {}).get("profile", "")) or None
+        cm = self.core.get(f"/api/v1/namespaces/{quote(ref['namespace'])}/configmaps/"
+                           f"{quote(ref['name'])}")
+        return str((cm.get("data") or {}).get("profile", "")) or None
 
     def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
         self.custom.patch_cluster_custom_object_status(
@@ -82,7 +87,7 @@ class Kube:
               source: str) -> None:
         meta = replica["metadata"]
         stamp = datetime.now(UTC)
-        self.core.create_namespaced_event(EVENTS_NAMESPACE, {  # type: ignore[arg-type]
+        self.core.post(f"/api/v1/namespaces/{EVENTS_NAMESPACE}/events", {
             "metadata": {"generateName": f"{meta['name']}."},
             "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageReplica",
                                "name": meta["name"], "uid": meta.get("uid")},
