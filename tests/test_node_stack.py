@@ -207,13 +207,21 @@ def test_background_waits_until_no_read_but_its_own_for_the_idle_time() -> None:
     assert not gate.open(4.5, 9 * MIB, 4 * MIB)  # reads again: shut again
 
 
-def test_background_does_not_wait_for_the_childrens_reads() -> None:
+def test_background_does_not_wait_for_children_reading_what_it_holds_but_for_their_misses(
+        ) -> None:
     gate = QuietGate(idle_seconds=2.0)
-    assert gate.open(0.0, device_bytes_read=4 * MIB, own_bytes_read=4 * MIB)
-    # the children pulled 8 MiB through the export: still open
-    assert gate.open(1.0, 12 * MIB, 4 * MIB, children_bytes_read=8 * MIB)
-    assert not gate.open(1.5, 13 * MIB, 4 * MIB, 8 * MIB)  # a VM here read 1 MiB
-    assert gate.open(3.5, 21 * MIB, 4 * MIB, 16 * MIB)  # 2 s on: only the children since
+    # (now, cache device, own walk, export = the children, -src = upstream)
+    assert gate.open(0.0, 4 * MIB, 4 * MIB, 0, 4 * MIB)
+    # the children pulled 8 MiB this node holds: nothing more went upstream, still open
+    assert gate.open(1.0, 12 * MIB, 4 * MIB, 8 * MIB, 4 * MIB)
+    # a child's read of 1 MiB missed here and went on to the parent: shut
+    assert not gate.open(1.5, 13 * MIB, 4 * MIB, 9 * MIB, 5 * MIB)
+    assert gate.open(3.5, 21 * MIB, 4 * MIB, 17 * MIB, 5 * MIB)  # 2 s on: only held reads
+    assert not gate.open(4.0, 22 * MIB, 4 * MIB, 17 * MIB, 5 * MIB)  # a VM here read 1 MiB
+    # the walk's own reads go upstream too; the export's counter read late (a dip) is no read
+    assert gate.open(6.5, 30 * MIB, 12 * MIB, 17 * MIB, 13 * MIB)
+    assert gate.open(7.0, 31 * MIB, 12 * MIB, 19 * MIB, 13 * MIB)  # vms dipped by 1 MiB
+    assert gate.open(7.5, 32 * MIB, 12 * MIB, 19 * MIB, 13 * MIB)  # back to the high mark
 
 
 def test_only_regions_read_and_not_yet_local_are_hydrated_for_their_reads() -> None:

@@ -66,8 +66,8 @@ class Kube:
     def chap(self, ref: Mapping[str, Any] | None) -> Chap | None:
         if not ref:
             return None
-        s = self.core.get(f"/api/v1/namespaces/{quote(ref['namespace'])}/secrets/"
-                          f"{quote(ref['name'])}")
+        s = self.core.get(f"/api/v1/namespaces/{quote(ref['namespace'], safe='')}/secrets/"
+                          f"{quote(ref['name'], safe='')}")
         data = {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
         return Chap(data["username"], data["password"], data.get("mutualUsername"),
                     data.get("mutualPassword"))
@@ -75,8 +75,8 @@ class Kube:
     def profile(self, ref: Mapping[str, Any] | None) -> str | None:
         if not ref:
             return None
-        cm = self.core.get(f"/api/v1/namespaces/{quote(ref['namespace'])}/configmaps/"
-                           f"{quote(ref['name'])}")
+        cm = self.core.get(f"/api/v1/namespaces/{quote(ref['namespace'], safe='')}/configmaps/"
+                           f"{quote(ref['name'], safe='')}")
         return str((cm.get("data") or {}).get("profile", "")) or None
 
     def patch_status(self, name: str, status: Mapping[str, Any]) -> None:

@@ -1,11 +1,11 @@
 """Prefetch in boot-profile order, hydration of what is read, background hydration.
 
 Every node walks the same order (the profile's regions, then the rest), so a parent stays
-ahead of its children. The background part yields to this node's VMs: while they read, it
-waits, since in a boot storm the CPU and the parent's link are what the boots need. It does not
-yield to its children: they stay behind it and read what it holds, over its link to them, not
-its link to its parent; yielding to them made a tree hydrate in lock-step (a batch here, then
-the children's pull of it, then 2 s of quiet), at a fifth of the link.
+ahead of its children. The background part yields to this node's VMs and to whatever else
+reads from its parent: while they read, it waits, since in a boot storm the CPU and the
+parent's link are what the boots need. It does not yield to children reading what it holds
+(over its link to them, not its link to its parent): yielding to them made a tree hydrate in
+lock-step (a batch here, then the children's pull of it, then 2 s of quiet).
 """
 
 from __future__ import annotations
@@ -118,21 +118,27 @@ def hydration_order(profile: Sequence[int], total: int) -> list[int]:
 
 @dataclass
 class QuietGate:
-    """Whether background hydration may go on: the cache has served no reads but our own and the
-    children's for `idle_seconds`. Fed the device's read counter, the bytes the hydrator itself
-    read and the children's (the export's read counter), so what is left over is the VMs'.
-    Pure: the caller supplies the clock."""
+    """Whether background hydration may go on: for `idle_seconds`, this node's VMs have read
+    nothing, and nothing but our own walk has read from the parent. Fed the read counters of
+    the cache device, the export (the children's reads) and -src (what went upstream), and
+    the bytes the walk itself read. So a child's read of what this node holds does not stop
+    the walk; a child's read that misses here, like a VM's read, does. Each figure is compared
+    with its highest so far: two counters read one after the other can dip. Pure: the caller
+    supplies the clock."""
 
     idle_seconds: float
-    _foreground: int | None = field(default=None, init=False)
+    _seen: tuple[int, int] | None = field(default=None, init=False)
     _busy_at: float | None = field(default=None, init=False)
 
     def open(self, now: float, device_bytes_read: int, own_bytes_read: int,
-             children_bytes_read: int = 0) -> bool:
-        foreground = device_bytes_read - own_bytes_read - children_bytes_read
-        if self._foreground is not None and foreground > self._foreground:
+             children_bytes_read: int = 0, upstream_bytes_read: int | None = None) -> bool:
+        vms = device_bytes_read - own_bytes_read - children_bytes_read
+        misses = (upstream_bytes_read - own_bytes_read if upstream_bytes_read is not None
+                  else 0)
+        if self._seen is not None and (vms > self._seen[0] or misses > self._seen[1]):
             self._busy_at = now
-        self._foreground = foreground
+        self._seen = ((vms, misses) if self._seen is None
+                      else (max(vms, self._seen[0]), max(misses, self._seen[1])))
         return self._busy_at is None or now - self._busy_at >= self.idle_seconds
 
 
@@ -156,6 +162,15 @@ def upstream_of(parent_is_origin: bool, parent_status: Mapping[str, Any] | None)
     if st.get("phase") in ("Hydrated", "Detached"):
         return UNLIMITED
     return Upstream(int(st.get("hydratedInOrder", 0)), False)
+
+
+def _bytes_read(dm_name: str) -> int:
+    """0 for a device that is not there (an export is made after the cache, -src may be
+    reloaded): at worst one pause of `idle_seconds` when it appears."""
+    try:
+        return blockdev.iostat(dm.mapper_path(dm_name)).bytes_read
+    except (OSError, blockdev.BlockDevError):
+        return 0
 
 
 class Hydrator(threading.Thread):
@@ -273,11 +288,9 @@ class Hydrator(threading.Thread):
         if self.quiet.idle_seconds <= 0:
             return True
         served = blockdev.iostat(dm.mapper_path(name)).bytes_read
-        try:  # children read through the export, which comes and goes with them
-            children = blockdev.iostat(dm.mapper_path(names.export_dev(self.image))).bytes_read
-        except OSError:
-            children = 0
-        return self.quiet.open(time.monotonic(), served, self.bytes_read, children)
+        children = _bytes_read(names.export_dev(self.image))
+        upstream = _bytes_read(names.src_dev(self.image))
+        return self.quiet.open(time.monotonic(), served, self.bytes_read, children, upstream)
 
     def _resume(self, total: int) -> int:
         """Where a new walk starts. From scratch unless the kernel already holds more than the
