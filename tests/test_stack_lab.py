@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from vmthunder.lab.lab import Guest, Lab
+from vmthunder.node import dm, names
 from vmthunder.node import labdrive as ld
-from vmthunder.node import names
 from vmthunder.node.hydrate import Read, plan_prefetch
 
 pytestmark = pytest.mark.lab
@@ -103,6 +103,59 @@ def test_stack_builds_and_a_second_apply_changes_nothing(tree: Tree) -> None:
         assert tree.apply(role) == [], role
         st = tree.status(role)
         assert st["cache"]["kind"] == "caching" and st["cache"]["total"] == SIZE // REGION
+
+
+IOCTL_CHECK = """
+import json, subprocess
+from vmthunder.node import dm
+def dmsetup(*args):
+    return subprocess.run(["dmsetup", *args], capture_output=True, text=True, check=True).stdout
+name = "vmt-ioctl-check"
+dm.create(name, [dm.Target(0, 2048, "zero"), dm.Target(2048, 2048, "error"),
+                 dm.Target(4096, 8, "zero")])
+try:
+    rid = dm.stats_create(name, 8, "ioctl-check")  # 513 areas: more than the first buffer
+    out = {"status": [[t.start, t.length, t.type, list(t.fields)] for t in dm.status(name)],
+           "status_dmsetup": dmsetup("status", name),
+           "list": dm.stats_list(name, "ioctl-check"),
+           "print": dm.message(name, ["@stats_print", str(rid)]),
+           "print_dmsetup": dmsetup("message", name, "0", "@stats_print", str(rid)).strip(),
+           "clone": [[t.type, list(t.fields)] for t in dm.status("vmt-golden", noflush=True)],
+           "clone_dmsetup": dmsetup("status", "--noflush", "vmt-golden"),
+           "absent": dm.status_if_exists("vmt-no-such-device")}
+    try:
+        dm.message(name, ["no_such_message"])
+    except dm.DmError as e:
+        out["bad_message"] = str(e)
+finally:
+    dm.remove(name)
+print(json.dumps(out))
+"""
+
+
+def test_polled_status_and_messages_by_ioctl_read_as_dmsetup_prints_them(tree: Tree) -> None:
+    import json
+
+    from vmthunder.lab.provision import guest_env, guest_python
+
+    a = tree.g("A")
+    a.run("cat > /tmp/ioctl_check.py", input=IOCTL_CHECK, check=True)
+    out = json.loads(a.run(f"{guest_env()} {guest_python()} /tmp/ioctl_check.py",
+                           timeout=120, check=True).stdout)
+    assert out["status"] == [[0, 2048, "zero", []], [2048, 2048, "error", []],
+                             [4096, 8, "zero", []]]
+    assert [line.split() for line in out["status_dmsetup"].splitlines()] == [
+        [str(x) for x in t[:2]] + [t[2]] for t in out["status"]]
+    assert len(out["list"]) == 1 and out["list"][0][1] == "ioctl-check"
+    assert len(out["print"].splitlines()) == 513 and out["print"] == out["print_dmsetup"]
+    (kind, fields), = out["clone"]
+    words = out["clone_dmsetup"].split()
+    assert kind == words[2] == "clone"
+    clone = dm.CloneStatus.parse(fields)
+    assert clone.total == SIZE // REGION and clone.region_sectors == REGION // 512
+    assert dm.CloneStatus.parse(words[3:]).total == clone.total
+    assert out["absent"] is None
+    assert "Invalid argument" in out["bad_message"]  # the kernel's EINVAL, as a DmError
 
 
 def test_prefetch_hydrates_the_profile_and_origin_serves_about_the_read_set(tree: Tree) -> None:

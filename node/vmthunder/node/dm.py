@@ -1,8 +1,10 @@
 """Device-mapper through dmsetup: typed tables, status, messages and dm-stats.
 
 Callers pass dataclasses and names, never command lines. Every failure raises DmError with
-dmsetup's stderr. Guests of the lab run without udev, so every call passes --noudevsync and
-creation/removal ends with `dmsetup mknodes` (harmless where udev runs).
+dmsetup's stderr, or the kernel's error for the status and messages: those are polled, so they
+are made as ioctls (vmthunder.node.dmioctl). Guests of the lab run without udev, so every call
+passes --noudevsync and creation/removal ends with `dmsetup mknodes` (harmless where udev
+runs).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vmthunder.node import blockdev
+from vmthunder.node import blockdev, dmioctl
 
 SECTOR = 512
 DMSETUP = os.environ.get("VMT_DMSETUP", "dmsetup")
@@ -265,13 +267,11 @@ def table_if_exists(name: str) -> list[Target] | None:
 def status(name: str, *, noflush: bool = False) -> list[TargetStatus]:
     """noflush: dm-clone and dm-thin commit their metadata for a status unless told not to;
     a poller need not cost the device a commit each time."""
-    out = _run(f"status {name}", ["status", *(["--noflush"] if noflush else []), name])
-    result = []
-    for line in out.splitlines():
-        w = line.split()
-        if len(w) >= 3:
-            result.append(TargetStatus(int(w[0]), int(w[1]), w[2], tuple(w[3:])))
-    return result
+    try:
+        lines = dmioctl.table_status(name, noflush=noflush)
+    except dmioctl.DmIoctlError as e:
+        raise DmError(f"status {name}", e.errno or -1, str(e)) from None
+    return [TargetStatus(t.start, t.length, t.type, tuple(t.params.split())) for t in lines]
 
 
 def status_if_exists(name: str, *, noflush: bool = False) -> list[TargetStatus] | None:
@@ -286,8 +286,10 @@ def status_if_exists(name: str, *, noflush: bool = False) -> list[TargetStatus] 
 
 def message(name: str, msg: Sequence[str], sector: int = 0) -> str:
     """Sends a target message; returns the target's answer (dm-stats answers this way)."""
-    return _run(f"message {name} {msg[0] if msg else ''}",
-                ["message", name, str(sector), *msg]).strip()
+    try:
+        return dmioctl.target_message(name, sector, " ".join(msg)).strip()
+    except dmioctl.DmIoctlError as e:
+        raise DmError(f"message {name} {msg[0] if msg else ''}", e.errno or -1, str(e)) from None
 
 
 def deps(name: str) -> list[tuple[int, int]]:
