@@ -435,6 +435,7 @@ class Rig:
         self.offsets[g.name] = guest_clock_offset(g)
         self.start_agent(g)
         self.start_csi_node(g)
+        self.wait_agent(g)
 
     # The processes, each started the one way the rig runs it: at bring-up, and again to
     # restart one after a crash (bench/kill_restart.py).
@@ -461,6 +462,19 @@ class Rig:
                 f"--export-ip {g.ip} "
                 f"--cache-dir {CACHE_DIR} --metrics-port {AGENT_METRICS_PORT}",
                 "vmthunder.cli agent", "/tmp/agent.log")
+
+    def wait_agent(self, g: Guest, timeout: float = NODE_READY_TIMEOUT) -> None:
+        """Returns once the agent in guest g serves its metrics: it does so once its kernel side
+        is prepared and its watches run. Provisioning starts after that, so what it measures
+        is the agent at work, not an agent still starting."""
+        listening = f":{AGENT_METRICS_PORT:04X} 00000000:0000 0A"  # /proc/net/tcp, LISTEN
+        tries = int(timeout * 2)
+        try:
+            run_quick(g, f"i=0; until grep -q '{listening}' /proc/net/tcp; do i=$((i+1)); "
+                         f"[ $i -gt {tries} ] && exit 1; sleep 0.5; done", timeout=timeout + 30)
+        except ProvisionError as e:
+            raise ProvisionError(f"{g.name}: the node agent is not ready: {e}\n"
+                                 f"{run_quick(g, 'tail -c 3000 /tmp/agent.log')}") from None
 
     def start_csi_node(self, g: Guest, timeout: float = NODE_READY_TIMEOUT,
                        wait: bool = True) -> None:
