@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmthunder.node import blockdev, dm, names
+from vmthunder.node import blockdev, dm, names, stack
 from vmthunder.node.cache import CacheBackend
 
 log = logging.getLogger(__name__)
@@ -164,15 +164,6 @@ def upstream_of(parent_is_origin: bool, parent_status: Mapping[str, Any] | None)
     return Upstream(int(st.get("hydratedInOrder", 0)), False)
 
 
-def _bytes_read(dm_name: str) -> int:
-    """0 for a device that is not there (an export is made after the cache, -src may be
-    reloaded): at worst one pause of `idle_seconds` when it appears."""
-    try:
-        return blockdev.iostat(dm.mapper_path(dm_name)).bytes_read
-    except (OSError, blockdev.BlockDevError):
-        return 0
-
-
 class Hydrator(threading.Thread):
     """One image: walk the hydration order (prefetch, then background), keep read regions local.
 
@@ -288,9 +279,11 @@ class Hydrator(threading.Thread):
         if self.quiet.idle_seconds <= 0:
             return True
         served = blockdev.iostat(dm.mapper_path(name)).bytes_read
-        children = _bytes_read(names.export_dev(self.image))
-        upstream = _bytes_read(names.src_dev(self.image))
-        return self.quiet.open(time.monotonic(), served, self.bytes_read, children, upstream)
+        # A device that is not there reads 0 (the export comes after the cache, -src may be
+        # reloaded): below its high mark, so no read.
+        c = stack.counters(self.image)
+        return self.quiet.open(time.monotonic(), served, self.bytes_read, c.bytes_served,
+                               c.bytes_from_parent)
 
     def _resume(self, total: int) -> int:
         """Where a new walk starts. From scratch unless the kernel already holds more than the
