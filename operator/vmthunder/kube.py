@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from urllib.parse import quote
 
 import kubernetes
 
@@ -37,11 +38,16 @@ class CoreJson:
     def __init__(self, api: kubernetes.client.ApiClient) -> None:
         self.api = api
 
-    def get(self, path: str) -> dict[str, Any]:
-        return self._call("GET", path)
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        """One namespaced object, e.g. get("secrets", ns, name)."""
+        return self._call("GET", f"{self._namespaced(plural, namespace)}/{quote(name, safe='')}")
 
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", path, body)
+    def create(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", self._namespaced(plural, namespace), body)
+
+    @staticmethod
+    def _namespaced(plural: str, namespace: str) -> str:
+        return f"/api/v1/namespaces/{quote(namespace, safe='')}/{plural}"
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None
               ) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
-from urllib.parse import quote
 
 from vmthunder.node.iscsi import Chap
 from vmthunder.operator.informer import Informer
@@ -66,8 +65,7 @@ class Kube:
     def chap(self, ref: Mapping[str, Any] | None) -> Chap | None:
         if not ref:
             return None
-        s = self.core.get(f"/api/v1/namespaces/{quote(ref['namespace'], safe='')}/secrets/"
-                          f"{quote(ref['name'], safe='')}")
+        s = self.core.get("secrets", ref["namespace"], ref["name"])
         data = {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
         return Chap(data["username"], data["password"], data.get("mutualUsername"),
                     data.get("mutualPassword"))
@@ -75,8 +73,7 @@ class Kube:
     def profile(self, ref: Mapping[str, Any] | None) -> str | None:
         if not ref:
             return None
-        cm = self.core.get(f"/api/v1/namespaces/{quote(ref['namespace'], safe='')}/configmaps/"
-                           f"{quote(ref['name'], safe='')}")
+        cm = self.core.get("configmaps", ref["namespace"], ref["name"])
         return str((cm.get("data") or {}).get("profile", "")) or None
 
     def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
@@ -87,7 +84,7 @@ class Kube:
               source: str) -> None:
         meta = replica["metadata"]
         stamp = datetime.now(UTC)
-        self.core.post(f"/api/v1/namespaces/{EVENTS_NAMESPACE}/events", {
+        self.core.create("events", EVENTS_NAMESPACE, {
             "metadata": {"generateName": f"{meta['name']}."},
             "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageReplica",
                                "name": meta["name"], "uid": meta.get("uid")},
