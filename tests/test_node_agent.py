@@ -151,6 +151,9 @@ def test_phases_follow_the_cache_layer() -> None:
     assert plan_phase(CacheState("caching", 3, 10), True, 3, None, True) == "Prefetching"
     assert plan_phase(CacheState("caching", 10, 10), True, 3, None, True) == "Hydrated"
     assert plan_phase(CacheState("caching", 3, 10), True, 3, "boom", True) == "Failed"
+    # Built and exported before it reads from a parent: not usable yet.
+    assert plan_phase(CacheState("caching", 0, 10), True, 0, None, reading=False) == "Attaching"
+    assert plan_phase(CacheState("caching", 0, 10), False, 0, None, reading=False) == "Pending"
 
 
 def report(cache: CacheState, from_parent: int) -> Report:

@@ -40,6 +40,8 @@ def test_clone_status_fail_is_failed_not_complete() -> None:
 def test_multipath_table_queues_when_no_path() -> None:
     t = dm.multipath(100, ["8:0"])
     assert t.line() == "0 100 multipath 1 queue_if_no_path 0 1 1 round-robin 0 1 1 8:0 1"
+    # without a path yet: no priority group at all (an empty one is refused by the kernel)
+    assert dm.multipath(100, []).line() == "0 100 multipath 1 queue_if_no_path 0 0 0"
 
 
 def test_snapshot_table_is_persistent_by_default() -> None:
@@ -57,6 +59,7 @@ def test_multipath_status_names_the_failed_paths() -> None:
     # queue-length selector: one info value per path; two groups
     assert failed("2 0 0 0 2 1 A 0 1 1 8:0 F 1 0 E 0 1 1 8:32 A 0 3") == frozenset({"8:0"})
     assert failed("2 0 0 0 1 1 A 0 1 0 8:0 A 0") == frozenset()
+    assert failed("2 1 0 0 0 0") == frozenset()  # no group: no path yet
 
 
 def test_stats_keep_only_the_areas_that_saw_io() -> None:

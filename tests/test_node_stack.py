@@ -45,9 +45,26 @@ def kinds(steps: list[stack.Step]) -> list[str]:
     return [type(s).__name__ for s in steps]
 
 
-def test_fresh_node_attaches_builds_source_cache_and_export_in_order() -> None:
-    steps = stack.plan_image(want(), stack.Seen(None, None))
-    assert kinds(steps) == ["Attach", "SetSource", "BuildCache", "BuildExportDev", "Export"]
+def serving(w: stack.Want, cache: CacheState) -> stack.Seen:
+    """Built and exported, -src without a path: reads wait for a parent."""
+    return stack.Seen(src_table=(), src_kind="multipath", cache=cache, export_dev=True,
+                      export=exported(w))
+
+
+def test_fresh_node_builds_and_exports_first_then_logs_in_to_its_parent() -> None:
+    w = want()
+    steps = stack.plan_image(w, stack.Seen(None, None))
+    assert steps == [stack.SetSource(None), stack.BuildCache(), stack.BuildExportDev(),
+                     stack.Export(stack.export_spec(w))]
+    assert stack.plan_image(w, serving(w, CacheState("caching", 0, 1024))) == [
+        stack.Attach(ORIGIN), stack.SetSource(ORIGIN)]
+
+
+def test_a_dm_linear_source_needs_its_parent_before_anything_is_built() -> None:
+    w = want(multipath=False)
+    assert kinds(stack.plan_image(w, stack.Seen(None, None))) == [
+        "Attach", "SetSource", "BuildCache", "BuildExportDev", "Export"]
+    assert stack.plan_image(want(parent=None, multipath=False), stack.Seen(None, None)) == []
 
 
 def test_converged_stack_plans_nothing() -> None:
@@ -55,14 +72,16 @@ def test_converged_stack_plans_nothing() -> None:
     assert stack.plan_image(w, built(w, ORIGIN, CacheState("caching", 3, 1024))) == []
 
 
-def test_without_a_parent_export_nothing_is_built() -> None:
-    steps = stack.plan_image(want(parent=None), stack.Seen(None, None))
-    assert "BuildCache" not in kinds(steps) and "Attach" not in kinds(steps)
+def test_without_a_parent_export_the_stack_is_built_and_exported_but_reads_nowhere() -> None:
+    w = want(parent=None)
+    steps = stack.plan_image(w, stack.Seen(None, None))
+    assert kinds(steps) == ["SetSource", "BuildCache", "BuildExportDev", "Export"]
+    assert stack.plan_image(w, serving(w, CacheState("caching", 0, 1024))) == []
 
 
 def test_without_room_for_a_cache_the_image_passes_through_to_the_parent() -> None:
     steps = stack.plan_image(want(), stack.Seen(None, None, cache_space_missing=MIB))
-    assert kinds(steps) == ["Attach", "SetSource", "PassThrough", "BuildExportDev", "Export"]
+    assert kinds(steps) == ["SetSource", "PassThrough", "BuildExportDev", "Export"]
 
 
 def test_a_pass_through_becomes_a_cache_once_there_is_room_and_never_detaches_before() -> None:
@@ -133,14 +152,26 @@ def test_new_child_changes_the_export_acl() -> None:
     assert kinds(stack.plan_image(w2, seen)) == ["Export"]
 
 
+def test_a_round_that_lets_a_child_in_logs_in_nowhere_the_next_one_does() -> None:
+    # The child is told of its ACL by this round's status, not after a login of seconds.
+    w = want(parent=A, children=("iqn.2026-11.io.example:c",))
+    seen = built(want(), ORIGIN, CacheState("caching", 3, 1024))
+    assert kinds(stack.plan_image(w, seen)) == ["Export"]
+    acl = stack.Seen(**{**seen.__dict__, "export": exported(w)})
+    assert stack.plan_image(w, acl) == [stack.Attach(A), stack.SetSource(A), stack.Logout(ORIGIN)]
+
+
 def test_the_export_reports_whom_it_lets_in_only_once_it_exists() -> None:
     c = "iqn.2026-11.io.example:c"
     w = want(children=(c,))
     fresh = stack.Seen(None, None)
     assert stack.exported_to(w, fresh, stack.plan_image(w, fresh)) == (c,)
-    # No parent to read from yet: nothing is built, nobody is let in.
+    # No parent to read from yet: built and exported all the same, the child let in.
     idle = want(parent=None, children=(c,))
-    assert stack.exported_to(idle, fresh, stack.plan_image(idle, fresh)) is None
+    assert stack.exported_to(idle, fresh, stack.plan_image(idle, fresh)) == (c,)
+    # A dm-linear -src cannot be built without a parent: nothing is, nobody is let in.
+    linear = want(parent=None, children=(c,), multipath=False)
+    assert stack.exported_to(linear, fresh, stack.plan_image(linear, fresh)) is None
     # Converged: the kernel's export already matches, no step.
     seen = built(w, ORIGIN, CacheState("caching", 3, 1024))
     assert stack.exported_to(w, seen, []) == (c,)

@@ -93,8 +93,21 @@ def tree() -> Iterator[Tree]:
                  {"A": "O", "B": "A", "D": "A", "E": "A", "C": "B"},
                  ld.synthetic_profile(SIZE))
         t.export_origin()
-        for role in "ABDEC":  # parents first: a child needs its parent's export
-            t.apply(role)
+        with ThreadPoolExecutor(5) as pool:
+            # As the agents do: every node builds and exports its stack before it has a parent
+            # to read from, then all log in at once.
+            list(pool.map(lambda role: t.apply(role, parent=None), "ABDEC"))
+            waiting = {role: pool.submit(t.apply, role) for role in "BDEC"}
+            deadline = time.monotonic() + 120
+            while not all(t.g(role).run("iscsiadm -m session").rc == 0 for role in "BDEC"):
+                assert time.monotonic() < deadline, "children did not log in"
+                time.sleep(1)
+            # Logged in, their reads (the kernel's partition scan) wait in A's -src: no path.
+            assert not any(f.done() for f in waiting.values()), {
+                r: f.result() for r, f in waiting.items() if f.done()}
+            assert t.apply("A") == ["Attach", "SetSource"]
+            for role, f in waiting.items():
+                assert f.result() == ["Attach", "SetSource"], role
         yield t
 
 

@@ -109,13 +109,15 @@ def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tup
 
 
 def plan_phase(cache: CacheState, has_parent: bool, hydrated_in_order: int,
-               error: str | None, holding: bool = False) -> str:
-    """`holding`: the boot profile is still being prefetched and volumes wait for it."""
+               error: str | None, holding: bool = False, reading: bool = True) -> str:
+    """`holding`: the boot profile is still being prefetched and volumes wait for it.
+    `reading`: the stack reads from a parent (a stack built before its parent let it in, or
+    before its own login, reads from nowhere yet)."""
     if error:
         return "Failed"
     if cache.kind == "detached":
         return "Detached"
-    if cache.kind == "absent":
+    if cache.kind == "absent" or not reading:
         return "Attaching" if has_parent else "Pending"
     if cache.kind == "passthrough":
         return "Attached"  # usable: reads go to the parent
@@ -485,9 +487,10 @@ class Agent:
                 message = "applied: " + ", ".join(type(s).__name__ for s in steps)
                 log.info("%s: %s", image, message)
                 cache = self.backend.observe(image)
-                on_parent = dm.exists(names.src_dev(image))
+                on_parent = stack.reads_from_parent(image)
+                self.news()  # the next step (a login after the export was built) at once
             else:
-                on_parent = seen.src_kind is not None
+                on_parent = bool(seen.src_table)
             # A pass-through reads from its parent too (uncached): it has one, and may lose it.
             if (cache.kind in ("caching", "passthrough") and parent is not None and on_parent
                     and not awaiting_acl):
@@ -503,10 +506,12 @@ class Agent:
             message = (f"the path to the parent failed again right after being reinstated, "
                        f"{held.times} times in a row: retrying with a backoff")
         upstream = upstream_of(spec.get("parent") == names.ORIGIN, parent_status)
-        h = self._hydrator(image, cache, cspec, size, region, source is not None, upstream)
+        # The prefetch (and the volumes' hold with it) starts once there is a parent to read.
+        h = self._hydrator(image, cache, cspec, size, region, bool(attached), upstream)
         c = stack.counters(image)
         phase = plan_phase(cache, parent is not None, h.hydrated_in_order if h else 0,
-                           h.error if h else None, h is not None and h.holding())
+                           h.error if h else None, h is not None and h.holding(),
+                           reading=bool(attached))
         hold = self.holds.get(image)
         rep = Report(
             phase=phase,

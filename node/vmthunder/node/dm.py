@@ -428,8 +428,11 @@ def thin_delete(pool_name: str, dev_id: int) -> None:
 
 
 def multipath(sectors: int, paths: Sequence[str], *, queue_if_no_path: bool = True) -> Target:
-    """One priority group, round-robin over `paths`; queue_if_no_path makes reads wait."""
+    """One priority group, round-robin over `paths`; queue_if_no_path makes reads wait. No
+    paths: no group (the kernel takes no empty one), so every read waits for a reload."""
     features = ["1", "queue_if_no_path"] if queue_if_no_path else ["0"]
+    if not paths:
+        return Target(0, sectors, "multipath", (*features, "0", "0", "0"))
     args = [*features, "0", "1", "1", "round-robin", "0", str(len(paths)), "1"]
     for p in paths:
         args += [p, "1"]

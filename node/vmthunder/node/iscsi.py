@@ -22,6 +22,10 @@ RC_SESSION_EXISTS = 15
 RC_NO_OBJECTS = 21
 REDACTED: Final = "***"
 RESCAN_AFTER = 1.5  # seconds a logged-in session's disk may take before we ask for a scan
+# How long a read may wait at a live parent. A parent's reads queue while it has no parent of
+# its own loaded yet or is being re-parented; at the SCSI layer's default (30 s) the read
+# would be aborted, the LUN reset and the session dropped instead.
+DISK_TIMEOUT_SECONDS = 300
 # Node record keys whose values are secrets (iscsiadm takes them on its command line).
 SECRET_KEYS: Final = frozenset({"node.session.auth.password", "node.session.auth.password_in"})
 
@@ -228,6 +232,13 @@ def login(t: TargetAddress, chap: Chap | None = None, *, replacement_timeout: in
             rescan(s.sid)
             rescanned = time.monotonic()
         time.sleep(0.1)
+
+
+def set_disk_timeout(disk: str, seconds: int = DISK_TIMEOUT_SECONDS) -> None:
+    """Sets how long a command to `disk` (/dev/sdX) may take before the SCSI layer aborts it."""
+    name = os.path.basename(os.path.realpath(disk))
+    with open(f"/sys/block/{name}/device/timeout", "w") as f:
+        f.write(str(seconds))
 
 
 def rescan(sid: int) -> None:

@@ -19,6 +19,8 @@ from vmthunder.node.cache import make_backend
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import IscsiTransport
 
+MAX_ROUNDS = 4  # serve, read, detach: a converging apply takes at most three
+
 
 def _chap(d: Any) -> Chap | None:
     return Chap(d["username"], d["password"]) if d else None
@@ -57,8 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {}
     t0 = time.monotonic()
     if cmd == "apply":
+        # Rounds until nothing is left to do, as the agent runs them: a round that builds or
+        # re-exports the stack reads from the parent only in the next one (stack.plan_image).
         w = _want(r)
-        _seen, steps = stack.apply_image(w, backend, transport, r.get("origin_iqn"))
+        steps: list[stack.Step] = []
+        for _ in range(MAX_ROUNDS):
+            _seen, taken = stack.apply_image(w, backend, transport, r.get("origin_iqn"))
+            steps += taken
+            if not taken:
+                break
         out = {"steps": _jsonable(steps)}
     elif cmd == "hydrate":
         n = backend.hydrate(r["image"], [int(x) for x in r["regions"]],

@@ -11,6 +11,11 @@
 `plan_image` is pure: it compares what is wanted with what the kernel shows and returns the
 steps, in order. `apply_image` observes, plans and runs the steps. Running it twice builds
 nothing twice, which is how the agent converges after a restart.
+
+Serving comes before reading. A node builds its whole stack, export included, before it has a
+parent to read from: -src is then a multipath without paths, in which reads queue. So every
+level of the tree builds at once, and children log in while their parent is still logging in
+to its own; the reads start when the root's path is loaded and flow down the tree.
 """
 
 from __future__ import annotations
@@ -84,7 +89,8 @@ class Attach:
 
 @dataclass(frozen=True)
 class SetSource:
-    address: TargetAddress  # -src over this address's disk (create, or reload)
+    # -src over this address's disk (create, or reload); None: -src without a path, reads wait
+    address: TargetAddress | None
 
 
 @dataclass(frozen=True)
@@ -140,40 +146,65 @@ def export_spec(w: Want) -> lio.ExportSpec:
 
 
 def plan_image(w: Want, s: Seen) -> list[Step]:
-    """The steps that take the kernel from `s` to `w`, in the order they must run."""
+    """The steps that take the kernel from `s` to `w`, in the order they must run.
+
+    A round that builds the stack or changes whom the export lets in does only that: its
+    status then admits the children at once, not after this node's own login (seconds in an
+    emulated guest), and the next round reads from the parent."""
+    serve = plan_serving(w, s)
+    if serve is None:
+        return []
+    return serve or plan_reading(w, s)
+
+
+def plan_serving(w: Want, s: Seen) -> list[Step] | None:
+    """The steps that build the stack and the export; None: nothing can be built yet (a
+    dm-linear -src needs its parent's disk, and there is none)."""
     steps: list[Step] = []
     detached = s.cache.kind == "detached"
-    if not detached:
-        if w.parent is not None:
-            if w.parent not in s.sessions:
-                steps.append(Attach(w.parent))
-            points_at_parent = (
-                w.parent in s.sessions and s.src_table is not None
-                and s.src_table == (s.sessions[w.parent],)
-                and s.src_kind == ("multipath" if w.multipath else "linear")
-            )
-            if not points_at_parent:
-                steps.append(SetSource(w.parent))
-            elif (s.sessions[w.parent] in s.failed_paths and w.parent not in s.broken
-                  and s.sessions[w.parent] not in w.held_paths):
-                # The parent's session recovered, but multipath still shuns the path its
-                # outage failed: reads would queue for ever.
-                steps.append(ReinstatePath(s.sessions[w.parent]))
-        if s.cache.kind == "absent":
-            if w.parent is None and s.src_table is None:
-                return steps  # nothing to read from yet
-            steps.append(PassThrough() if s.cache_space_missing else BuildCache())
-        elif (s.cache.kind == "passthrough" and not s.cache_space_missing
-              and w.parent is not None and w.parent in s.sessions and w.parent not in s.broken
-              and s.sessions[w.parent] not in s.failed_paths):
-            # Room again: the pass-through becomes a cache. Only while the parent answers:
-            # the reload's suspend waits for the reads queued in -src.
-            steps.append(BuildCache())
+    if not detached and s.src_table is None:
+        if w.multipath:
+            steps.append(SetSource(None))
+        elif w.parent is None:
+            return None
+        else:
+            steps += [Attach(w.parent), SetSource(w.parent)]
+    if s.cache.kind == "absent":
+        steps.append(PassThrough() if s.cache_space_missing else BuildCache())
     if not s.export_dev:
         steps.append(BuildExportDev())
     spec = export_spec(w)
     if s.export is None or not _export_matches(s.export, spec):
         steps.append(Export(spec))
+    return steps
+
+
+def plan_reading(w: Want, s: Seen) -> list[Step]:
+    """The steps that point a built stack at its parent, detach it once complete, and log out
+    of the sessions it no longer reads."""
+    steps: list[Step] = []
+    detached = s.cache.kind == "detached"
+    if not detached and w.parent is not None:
+        if w.parent not in s.sessions:
+            steps.append(Attach(w.parent))
+        points_at_parent = (
+            w.parent in s.sessions and s.src_table is not None
+            and s.src_table == (s.sessions[w.parent],)
+            and s.src_kind == ("multipath" if w.multipath else "linear")
+        )
+        if not points_at_parent:
+            steps.append(SetSource(w.parent))
+        elif (s.sessions[w.parent] in s.failed_paths and w.parent not in s.broken
+              and s.sessions[w.parent] not in w.held_paths):
+            # The parent's session recovered, but multipath still shuns the path its
+            # outage failed: reads would queue for ever.
+            steps.append(ReinstatePath(s.sessions[w.parent]))
+    if (s.cache.kind == "passthrough" and not s.cache_space_missing
+            and w.parent is not None and w.parent in s.sessions and w.parent not in s.broken
+            and s.sessions[w.parent] not in s.failed_paths):
+        # Room again: the pass-through becomes a cache. Only while the parent answers:
+        # the reload's suspend waits for the reads queued in -src.
+        steps.append(BuildCache())
     done = detached or (s.cache.complete and s.cache.kind == "caching")
     if done and w.detach_when_hydrated:
         if not detached:
@@ -269,10 +300,17 @@ def _table_devices(t: Sequence[dm.Target]) -> list[str]:
     return out
 
 
-def source_table(w: Want, device: str) -> list[dm.Target]:
+def reads_from_parent(image: str) -> bool:
+    """Whether the image's -src has a parent's disk to read from."""
+    return bool(_table_devices(dm.table_if_exists(names.src_dev(image)) or []))
+
+
+def source_table(w: Want, device: str | None) -> list[dm.Target]:
+    """-src over the parent's disk; with `device` None, a multipath without paths."""
     sectors = w.size // SECTOR
     if w.multipath:
-        return [dm.multipath(sectors, [device], queue_if_no_path=True)]
+        return [dm.multipath(sectors, [device] if device else [], queue_if_no_path=True)]
+    assert device is not None, "a dm-linear -src needs its parent's disk"
     return [dm.linear(sectors, device)]
 
 
@@ -315,7 +353,12 @@ def _apply_step(w: Want, step: Step, backend: CacheBackend, transport: Transport
     src = names.src_dev(w.image)
     if isinstance(step, Attach):
         transport.attach(step.address, w.parent_chap)
-    elif isinstance(step, SetSource):
+    elif isinstance(step, SetSource) and step.address is None:
+        dm.create(src, source_table(w, None), readonly=True)
+        # The requests queued in it now go to a parent's disk later: they must fit its limits
+        # (see PARENT_MAX_REQUEST_KB), and a table without a disk has none of its own.
+        blockdev.cap_max_sectors_kb(dm.mapper_path(src), PARENT_MAX_REQUEST_KB)
+    elif isinstance(step, SetSource) and step.address is not None:
         disk = transport.attach(step.address, w.parent_chap)  # idempotent: gives the disk
         blockdev.cap_max_sectors_kb(disk, PARENT_MAX_REQUEST_KB)  # before dm stacks its limits
         table = source_table(w, blockdev.devno_str(disk))

@@ -58,6 +58,7 @@ class IscsiTransport:
             iscsi.set_replacement_timeout(s.sid, self.replacement_timeout)
         disk = s.disk(address.lun)
         assert disk is not None  # login waits for it
+        iscsi.set_disk_timeout(disk)
         return disk
 
     def detach(self, address: TargetAddress) -> None:
