@@ -323,6 +323,23 @@ def test_a_non_caching_child_walks_behind_its_parent_and_sweeps_only_once_it_is_
         h.join(5)
 
 
+def test_each_prefetch_batch_wakes_the_agent_to_report_what_the_children_may_follow() -> None:
+    total = 1000
+    be = RecordingBackend(total)
+    seen: list[int] = []
+    h = Hydrator("img", be, size=total * 65536, region_bytes=65536,  # type: ignore[arg-type]
+                 profile=list(range(300)), queue_depth=8, throttle=0,
+                 on_progress=lambda: seen.append(h.hydrated_in_order))
+    h._stats = lambda name: None  # type: ignore[method-assign]  # no dm-stats here
+    h.start()
+    try:
+        wait_for("the prefetch", lambda: len(seen) == 3, timeout=10)
+        assert seen == [128, 256, 300]  # batches of queue depth x 16 regions, then the rest
+    finally:
+        h.stop()
+        h.join(5)
+
+
 class ProfileKube:
     def __init__(self, text: str | None, error: Exception | None = None) -> None:
         self.text, self.error = text, error

@@ -359,7 +359,7 @@ class Agent:
         self.initiator = initiator or iscsi.initiator_name()
         self.multipath = multipath
         self.profile_file = profile_file
-        self.news = news  # wakes the loop for a round now (a prefetch done releases volumes)
+        self.news = news  # wakes the loop for a round now (prefetch progress, a step taken)
         self.hydrators: dict[str, Hydrator] = {}
         self.holds: dict[str, Hold] = {}  # per image
         self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
@@ -610,7 +610,7 @@ class Agent:
                      hold_until=self.holds.setdefault(image, Hold.lasting(
                          0.0 if cache.hydrated >= len(order) else
                          float(prefetch.get("holdSeconds", DEFAULT_HOLD_SECONDS)))).until,
-                     upstream=upstream, on_prefetched=self.news)
+                     upstream=upstream, on_progress=self.news)
         h.start()
         self.hydrators[image] = h
         return h

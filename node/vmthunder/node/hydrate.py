@@ -176,7 +176,7 @@ class Hydrator(threading.Thread):
                  profile: Sequence[int], queue_depth: int, throttle: int,
                  idle_seconds: float = 0.0, hold_until: float = 0.0,
                  upstream: Upstream = UNLIMITED,
-                 on_prefetched: Callable[[], None] = lambda: None) -> None:
+                 on_progress: Callable[[], None] = lambda: None) -> None:
         super().__init__(name=f"hydrate-{image}", daemon=True)
         self.image = image
         self.backend = backend
@@ -188,7 +188,9 @@ class Hydrator(threading.Thread):
         self.upstream = upstream
         self.quiet = QuietGate(idle_seconds)
         self.hold_until = hold_until  # time.monotonic()'s clock
-        self.on_prefetched = on_prefetched
+        # After each prefetch batch: the agent reports at once, as the children follow what
+        # this node holds and the volumes wait for the end of the prefetch.
+        self.on_progress = on_progress
         self.bytes_read = 0  # through vmt-<image>, by this walk: not the VMs' or children's
         self.hydrated_in_order = 0
         self.prefetch_seconds = 0.0
@@ -271,7 +273,8 @@ class Hydrator(threading.Thread):
             self.hydrated_in_order = end
             if prefetching and end >= len(self.profile):
                 self.prefetch_seconds = time.monotonic() - t0
-                self.on_prefetched()
+            if prefetching:
+                self.on_progress()
             if not prefetching and self.throttle:
                 self.stopping.wait(1.0)
 
