@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import kubernetes
 import yaml
@@ -83,7 +84,8 @@ def run_control_plane_demo(nodes: int = 24, zones: int = 3, fanout: int = 3) -> 
         try:
             print(f"control plane up in {time.monotonic() - t0:.1f} s ({cp.url})")
             cp.install_vmthunder_crds()
-            client = kubernetes.config.new_client_from_config(str(cp.kubeconfig))
+            client = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
+                str(cp.kubeconfig))
             core = kubernetes.client.CoreV1Api(client)
             custom = kubernetes.client.CustomObjectsApi(client)
             register_nodes(core, ((f"node-{i:02d}", {ZONE_LABEL: f"zone-{chr(97 + i % zones)}",
@@ -96,16 +98,22 @@ def run_control_plane_demo(nodes: int = 24, zones: int = 3, fanout: int = 3) -> 
             t1 = time.monotonic()
             cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
             name = manifest["metadata"]["name"]
-            while (custom.get_cluster_custom_object(GROUP, VERSION, IMAGE_CACHES, name)
-                   .get("status", {}).get("nodeCount") != nodes):
+
+            def node_count() -> object:
+                ic = cast(dict[str, Any], custom.get_cluster_custom_object(
+                    GROUP, VERSION, IMAGE_CACHES, name))
+                return (ic.get("status") or {}).get("nodeCount")
+
+            while node_count() != nodes:
                 if operator.poll() is not None or time.monotonic() - t1 > 120:
                     print((Path(tmp) / "operator.log").read_text()[-3000:], file=sys.stderr)
                     return 1
                 time.sleep(0.1)
             print(f"planned in {time.monotonic() - t1:.2f} s after kubectl apply\n")
-            replicas = custom.list_cluster_custom_object(GROUP, VERSION, IMAGE_REPLICAS)["items"]
-            zone_of = {n.metadata.name: n.metadata.labels.get(ZONE_LABEL)
-                       for n in core.list_node().items}
+            replicas = cast(dict[str, Any], custom.list_cluster_custom_object(
+                GROUP, VERSION, IMAGE_REPLICAS))["items"]
+            zone_of = {n.metadata.name: (n.metadata.labels or {}).get(ZONE_LABEL)
+                       for n in core.list_node().items if n.metadata is not None}
             parents = {r["spec"]["node"]: r["spec"]["parent"] for r in replicas}
             notes = {r["spec"]["node"]: f"depth {r['spec']['depth']}  {zone_of[r['spec']['node']]}"
                      for r in replicas}

@@ -13,7 +13,7 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 
 def register_node(core: kubernetes.client.CoreV1Api, name: str,
                   labels: Mapping[str, str] | None = None, ready: bool = True) -> None:
-    core.create_node({"metadata": {"name": name, "labels": dict(labels or {})}},
+    core.create_node({"metadata": {"name": name, "labels": dict(labels or {})}},  # type: ignore[arg-type]
                      _preload_content=False)
     set_node_ready(core, name, ready)
 
