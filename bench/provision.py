@@ -48,15 +48,18 @@ from vmthunder.lab.provision import (  # noqa: E402
     Options,
     Rig,
     Run,
-    boot_output,
     guest_env,
     guest_python,
     in_parallel,
     percentile,
     run_quick,
+    start_replayer,
+    ticket_path,
     tx_bytes,
+    wait_boot,
 )
 from vmthunder.lab.replay import DEFAULT_GAP_SCALE, expected_digest  # noqa: E402
+from vmthunder.node.labdrive import start_shell  # noqa: E402
 
 MODES = ("vmthunder", "vmthunder+prefetch", "storage-server", "copy-first", "local")
 # Replay against the real thing (issue 7: agree within 20% at N = 2): the golden image booted
@@ -92,9 +95,18 @@ def logout_script(rig: Rig) -> str:
     return f"iscsiadm -m node -T {t.iqn} -p {t.portal} --logout >/dev/null 2>&1 || true"
 
 
-def replay_cmd(rig: Rig, device: str) -> str:
-    return (f"{guest_env()} {guest_python()} -m vmthunder.lab.replay device --device {device} "
-            f"--profile {rig.profile_path} --scale {rig.options.gap_scale}")
+def replayer_cmd(rig: Rig, tag: str) -> str:
+    """A replay of the boot on the device its ticket names, started ahead of the clock."""
+    return (f"{guest_env()} {guest_python()} -m vmthunder.lab.replay device "
+            f"--ticket {ticket_path(tag)} --profile {rig.profile_path} "
+            f"--scale {rig.options.gap_scale}")
+
+
+def go_and_wait(tag: str, device: str) -> str:
+    """Shell: the replayer's go with `device`, then wait until its boot is over."""
+    t = ticket_path(tag)
+    return (f"printf '{{\"device\": \"%s\"}}' {device} > {t}.tmp && mv {t}.tmp {t} && "
+            f"while [ ! -e /tmp/{tag}.rc ]; do sleep 0.2; done")
 
 
 def baseline(rig: Rig, mode: str) -> Run:
@@ -106,26 +118,30 @@ def baseline(rig: Rig, mode: str) -> Run:
     origin0 = rig.origin_bytes()
     tx0 = {g.name: tx_bytes(g) for g in nodes}
 
+    tag = f"vmt-bench-{mode}"  # the replayer's; the mode's own script runs as tag-run
+
     def script(g: Guest) -> str:
         if mode == "storage-server":
-            return f"{login_script(rig)} && {replay_cmd(rig, '$dev')}; rc=$?; " \
+            return f"{login_script(rig)} && {go_and_wait(tag, '$dev')}; rc=$?; " \
                    f"{logout_script(rig)}; exit $rc"
         if mode == "copy-first":
             return (f"rm -f {COPY}; {login_script(rig)} && "
                     f"dd if=$dev of={COPY} bs=1M iflag=direct 2>/dev/null && "
                     f"{logout_script(rig)} && loop=$(losetup --direct-io=on -r -f --show "
-                    f"{COPY}) && {replay_cmd(rig, '$loop')}; rc=$?; losetup -D; exit $rc")
+                    f"{COPY}) && {go_and_wait(tag, '$loop')}; rc=$?; losetup -D; exit $rc")
         return (f"sync; echo 3 > /proc/sys/vm/drop_caches; loop=$(losetup --direct-io=on -r "
-                f"-f --show {LOCAL}) && {replay_cmd(rig, '$loop')}; rc=$?; losetup -D; "
+                f"-f --show {LOCAL}) && {go_and_wait(tag, '$loop')}; rc=$?; losetup -D; "
                 "exit $rc")
 
     runs = {g.name: NodeRun(g.name) for g in nodes}
+    in_parallel(lambda g: start_replayer(g, replayer_cmd(rig, tag), tag), nodes)
     t0 = time.time()
 
     def one(g: Guest) -> None:
         nr = runs[g.name]
         try:
-            out = boot_output(g, script(g), f"vmt-bench-{mode}", rig.options.boot_timeout)
+            start_shell(g, script(g), f"{tag}-run")
+            out = wait_boot(g, tag, rig.options.boot_timeout, setup=f"{tag}-run")
             for key in ("first_byte", "booted"):
                 stamp = rig.host_time(g, out.get(f"t_{key}"))
                 setattr(nr, key, None if stamp is None else stamp - t0)

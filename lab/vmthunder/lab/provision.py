@@ -549,6 +549,19 @@ class Rig:
                                f"{g.run(f'tail -c 2500 {log}', timeout=20).stdout}")
         return "\n".join(out)
 
+    def save_logs(self, folder: Path) -> None:
+        """Every process's whole log into `folder`: the operator's and CSI controller's, and
+        each node's agent and CSI node plugin (their step times say where the time went)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("operator", "csi-controller"):
+            with contextlib.suppress(OSError):
+                shutil.copy(self.workdir / f"{name}.log", folder / f"{name}.log")
+        for g in self.lab.nodes:
+            for log in ("agent", "csi-node"):
+                with contextlib.suppress(Exception):
+                    r = g.run(f"cat /tmp/{log}.log", timeout=60)
+                    (folder / f"{g.name}-{log}.log").write_text(r.stdout)
+
     # --- clients ---
 
     def custom(self) -> Any:
@@ -606,6 +619,8 @@ class Rig:
         expected = expected_digest(self.disk, self.profile)
         origin0 = self.origin_bytes()
         tx0 = dict(zip([g.name for g in nodes], in_parallel(tx_bytes, nodes), strict=True))
+        tag = f"vmt-boot-{name}"
+        in_parallel(lambda g: start_replayer(g, self._kubelet_cmd(tag), tag), nodes)
         wall0 = time.monotonic()
         self.apply_image_cache(name, prefetch)
         t0 = run.started = time.time()
@@ -629,7 +644,8 @@ class Rig:
             try:
                 vid, context = self.create_volume(name, g.name)
                 nr.created = time.time() - t0
-                out = self._boot(g, vid, context)
+                go(g, tag, {"volume_id": vid, "context": context})
+                out = wait_boot(g, tag, o.boot_timeout)
                 for key in ("staged", "published", "first_byte", "booted"):
                     stamp = self.host_time(g, out.get(f"t_{key}"))
                     setattr(nr, key, None if stamp is None else stamp - t0)
@@ -713,15 +729,14 @@ class Rig:
         finally:
             c.close()
 
-    def _boot(self, g: Guest, volume_id: str, context: Mapping[str, str]) -> dict[str, Any]:
-        ctx = base64.b64encode(json.dumps(dict(context)).encode()).decode()
+    def _kubelet_cmd(self, tag: str) -> str:
+        """The kubelet's part and the VM's boot, waiting for its volume at the ticket."""
         cmd = (f"{guest_env()} {guest_python()} -m vmthunder.lab.replay kubelet "
-               f"--socket {CSI_SOCKET} "
-               f"--volume-id {volume_id} --context \"$(echo {ctx} | base64 -d)\" "
+               f"--socket {CSI_SOCKET} --ticket {ticket_path(tag)} "
                f"--profile {self.profile_path} --scale {self.options.gap_scale}")
         if self.options.real_boot:
             cmd += f" --serve-nbd {REAL_BOOT_NBD_PORT}"
-        return boot_output(g, cmd, f"vmt-boot-{volume_id[:12]}", self.options.boot_timeout)
+        return cmd
 
     def _real_boot(self, g: Guest, port: int) -> float:
         """The golden image booted for real: qemu (TCG) on the host, its disk the node's
@@ -843,14 +858,53 @@ class Rig:
         in_parallel(gone, self.lab.nodes)
 
 
+def ticket_path(tag: str) -> str:
+    return f"/tmp/{tag}.ticket"
+
+
+def start_replayer(g: Guest, cmd: str, tag: str, timeout: float = NODE_READY_TIMEOUT) -> None:
+    """Starts a replay command given `--ticket ticket_path(tag)` detached in the guest, and
+    returns once it waits for its go (vmthunder.lab.replay: started ahead of the clock)."""
+    from vmthunder.node.labdrive import start_shell
+
+    ticket = ticket_path(tag)
+    # One replayer per ticket: one left waiting by an earlier run would start with this one.
+    run_quick(g, f"pkill -f -- '--ticket {ticket} ' || true; rm -f {ticket} {ticket}.ready")
+    start_shell(g, cmd, tag)
+    run_quick(g, f"i=0; until [ -e {ticket}.ready ] || [ -e /tmp/{tag}.rc ]; do i=$((i+1)); "
+                 f"[ $i -gt {int(timeout * 2)} ] && break; sleep 0.5; done", timeout=timeout + 30)
+    if not run_quick(g, f"[ -e {ticket}.ready ] && echo ready || true").strip():
+        err = run_quick(g, f"tail -c 2000 /tmp/{tag}.err 2>/dev/null || true")
+        raise ProvisionError(f"{g.name}: the replayer did not start: {err}")
+
+
+def go(g: Guest, tag: str, ticket: Mapping[str, Any]) -> None:
+    """The replayer's go: its ticket, written whole (it starts as soon as the file exists)."""
+    data = base64.b64encode(json.dumps(dict(ticket)).encode()).decode()
+    path = ticket_path(tag)
+    run_quick(g, f"echo {data} | base64 -d > {path}.tmp && mv {path}.tmp {path}")
+
+
 def boot_output(g: Guest, cmd: str, tag: str, timeout: float) -> dict[str, Any]:
     """Runs a replay command detached in the guest; its JSON line (also on a failed read)."""
     from vmthunder.node.labdrive import start_shell
 
     start_shell(g, cmd, tag)
+    return wait_boot(g, tag, timeout)
+
+
+def wait_boot(g: Guest, tag: str, timeout: float, setup: str | None = None) -> dict[str, Any]:
+    """The JSON line of the replay running detached as `tag` (also on a failed read). A failure
+    of the script running detached as `setup` (the one that gives the replayer its go) ends
+    the wait too."""
     deadline = time.monotonic() + timeout
     while True:
         rc = run_quick(g, f"cat /tmp/{tag}.rc 2>/dev/null || true").strip()
+        if not rc.isdigit() and setup is not None:
+            setup_rc = run_quick(g, f"cat /tmp/{setup}.rc 2>/dev/null || true").strip()
+            if setup_rc.isdigit() and setup_rc != "0":
+                err = run_quick(g, f"tail -c 2000 /tmp/{setup}.err")
+                raise ProvisionError(f"{g.name}: {setup} failed rc={setup_rc}: {err}")
         if rc.isdigit():
             text = run_quick(g, f"cat /tmp/{tag}.out").strip()
             try:
@@ -997,7 +1051,9 @@ def run_provision(options: Options, out: TextIO = sys.stdout) -> int:
         report(run, out)
         stem = f"provision-n{options.nodes}-{time.strftime('%Y%m%d-%H%M%S')}"
         js, png = write_results(run, options.results, stem)
-        print(f"\nresults: {js}" + (f", {png}" if png else ""), file=out)
+        rig.save_logs(options.results / f"{stem}-logs")
+        print(f"\nresults: {js}" + (f", {png}" if png else "") + f", logs in {stem}-logs/",
+              file=out)
         s = run.summary()
         ok = s["booted"] == s["nodes"] and not s["read_errors"] and not s["sha_mismatches"]
         if not ok:

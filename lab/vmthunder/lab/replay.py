@@ -15,6 +15,12 @@ kubelet path)::
 
 (--serve-nbd: the real-boot mode; the published device is served to a VM on the host.)
 
+With `--ticket PATH` instead of --device or --volume-id, the replayer starts ahead of the
+clock, as a VM's hypervisor is there before the VM: it loads the profile and its imports,
+touches PATH.ready, and waits for the rig's go, the JSON it writes at PATH ({"device": ...} or
+{"volume_id": ..., "context": {...}}). Python's start-up in an emulated guest (seconds of CPU)
+is then the lab's, not the boot's.
+
 and prints one JSON line: wall-clock stamps (the guest's CLOCK_REALTIME; the host corrects
 them by the guest's measured clock offset), the sha256 of every byte the boot read (in read
 order, exactly the requested ranges), the read count and the first read error if any.
@@ -127,6 +133,20 @@ def serve_nbd(device: str, port: int) -> dict[str, Any]:
             "t_booted": None, "sha256": None}
 
 
+def await_ticket(path: str, timeout: float) -> dict[str, Any]:
+    """Says it is ready (PATH.ready), then waits for the rig's go at PATH and returns it."""
+    with open(f"{path}.ready", "w"):
+        pass
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no go at {path} within {timeout:.0f} s")
+        time.sleep(0.05)
+    with open(path) as f:
+        ticket: dict[str, Any] = json.load(f)
+    return ticket
+
+
 def _kubelet(a: argparse.Namespace, steps: Sequence[Step]) -> dict[str, Any]:
     """NodeStage then NodePublish of a block volume, as kubelet does before it starts the
     VM's pod; then the boot through the published path."""
@@ -175,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("device", help="replay the boot on a block device")
-    d.add_argument("--device", required=True)
+    d.add_argument("--device")
     k = sub.add_parser("kubelet", help="stage + publish a CSI block volume, then replay")
     k.add_argument("--socket", required=True)
-    k.add_argument("--volume-id", required=True)
+    k.add_argument("--volume-id")
     k.add_argument("--context", default="{}")
     k.add_argument("--stage-timeout", type=float, default=600)
     k.add_argument("--serve-nbd", type=int, default=0, metavar="PORT",
@@ -186,8 +206,21 @@ def main(argv: list[str] | None = None) -> int:
     for x in (d, k):
         x.add_argument("--profile", required=True)
         x.add_argument("--scale", type=float, default=DEFAULT_GAP_SCALE)
+        x.add_argument("--ticket", help="start ahead, then wait for the go at this path")
+        x.add_argument("--ticket-timeout", type=float, default=3600)
     a = p.parse_args(argv)
     steps = plan_replay(load_profile(a.profile), a.scale)
+    if a.cmd == "kubelet":
+        import vmthunder.csi.client
+        import vmthunder.csi.proto.csi_pb2  # noqa: F401  (imported ahead of the go)
+    if a.ticket:
+        go = await_ticket(a.ticket, a.ticket_timeout)
+        if a.cmd == "kubelet":
+            a.volume_id, a.context = go["volume_id"], json.dumps(go.get("context") or {})
+        else:
+            a.device = go["device"]
+    if not (a.device if a.cmd == "device" else a.volume_id):
+        p.error("--device or --volume-id, or --ticket, is required")
     out = _kubelet(a, steps) if a.cmd == "kubelet" else replay(a.device, steps)
     out["scale"] = a.scale
     print(json.dumps(out), flush=True)
