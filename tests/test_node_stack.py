@@ -51,19 +51,18 @@ def serving(w: stack.Want, cache: CacheState) -> stack.Seen:
                       export=exported(w))
 
 
-def test_fresh_node_builds_and_exports_first_then_logs_in_to_its_parent() -> None:
+def test_fresh_node_attaches_builds_source_cache_and_export_in_order() -> None:
+    steps = stack.plan_image(want(), stack.Seen(None, None))
+    assert kinds(steps) == ["Attach", "SetSource", "BuildCache", "BuildExportDev", "Export"]
+
+
+def test_a_node_built_before_its_parent_let_it_in_only_logs_in_and_loads_the_path() -> None:
     w = want()
-    steps = stack.plan_image(w, stack.Seen(None, None))
-    assert steps == [stack.SetSource(None), stack.BuildCache(), stack.BuildExportDev(),
-                     stack.Export(stack.export_spec(w))]
     assert stack.plan_image(w, serving(w, CacheState("caching", 0, 1024))) == [
         stack.Attach(ORIGIN), stack.SetSource(ORIGIN)]
 
 
 def test_a_dm_linear_source_needs_its_parent_before_anything_is_built() -> None:
-    w = want(multipath=False)
-    assert kinds(stack.plan_image(w, stack.Seen(None, None))) == [
-        "Attach", "SetSource", "BuildCache", "BuildExportDev", "Export"]
     assert stack.plan_image(want(parent=None, multipath=False), stack.Seen(None, None)) == []
 
 
@@ -75,13 +74,14 @@ def test_converged_stack_plans_nothing() -> None:
 def test_without_a_parent_export_the_stack_is_built_and_exported_but_reads_nowhere() -> None:
     w = want(parent=None)
     steps = stack.plan_image(w, stack.Seen(None, None))
-    assert kinds(steps) == ["SetSource", "BuildCache", "BuildExportDev", "Export"]
+    assert steps == [stack.SetSource(None), stack.BuildCache(), stack.BuildExportDev(),
+                     stack.Export(stack.export_spec(w))]
     assert stack.plan_image(w, serving(w, CacheState("caching", 0, 1024))) == []
 
 
 def test_without_room_for_a_cache_the_image_passes_through_to_the_parent() -> None:
     steps = stack.plan_image(want(), stack.Seen(None, None, cache_space_missing=MIB))
-    assert kinds(steps) == ["SetSource", "PassThrough", "BuildExportDev", "Export"]
+    assert kinds(steps) == ["Attach", "SetSource", "PassThrough", "BuildExportDev", "Export"]
 
 
 def test_a_pass_through_becomes_a_cache_once_there_is_room_and_never_detaches_before() -> None:
@@ -150,15 +150,6 @@ def test_new_child_changes_the_export_acl() -> None:
     seen = built(w, ORIGIN, CacheState("caching", 3, 1024))
     w2 = want(children=("iqn.2026-11.io.example:c",))
     assert kinds(stack.plan_image(w2, seen)) == ["Export"]
-
-
-def test_a_round_that_lets_a_child_in_logs_in_nowhere_the_next_one_does() -> None:
-    # The child is told of its ACL by this round's status, not after a login of seconds.
-    w = want(parent=A, children=("iqn.2026-11.io.example:c",))
-    seen = built(want(), ORIGIN, CacheState("caching", 3, 1024))
-    assert kinds(stack.plan_image(w, seen)) == ["Export"]
-    acl = stack.Seen(**{**seen.__dict__, "export": exported(w)})
-    assert stack.plan_image(w, acl) == [stack.Attach(A), stack.SetSource(A), stack.Logout(ORIGIN)]
 
 
 def test_the_export_reports_whom_it_lets_in_only_once_it_exists() -> None:

@@ -359,7 +359,7 @@ class Agent:
         self.initiator = initiator or iscsi.initiator_name()
         self.multipath = multipath
         self.profile_file = profile_file
-        self.news = news  # wakes the loop for a round now (prefetch progress, a step taken)
+        self.news = news  # wakes the loop for a round now (the prefetch's progress)
         self.hydrators: dict[str, Hydrator] = {}
         self.holds: dict[str, Hold] = {}  # per image
         self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
@@ -488,7 +488,6 @@ class Agent:
                 log.info("%s: %s", image, message)
                 cache = self.backend.observe(image)
                 on_parent = stack.reads_from_parent(image)
-                self.news()  # the next step (a login after the export was built) at once
             else:
                 on_parent = bool(seen.src_table)
             # A pass-through reads from its parent too (uncached): it has one, and may lose it.

@@ -19,7 +19,7 @@ from vmthunder.node.cache import make_backend
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import IscsiTransport
 
-MAX_ROUNDS = 4  # serve, read, detach: a converging apply takes at most three
+MAX_ROUNDS = 3  # a round converges; one more shows it
 
 
 def _chap(d: Any) -> Chap | None:
@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {}
     t0 = time.monotonic()
     if cmd == "apply":
-        # Rounds until nothing is left to do, as the agent runs them: a round that builds or
-        # re-exports the stack reads from the parent only in the next one (stack.plan_image).
+        # Rounds until nothing is left to do, as the agent runs them.
         w = _want(r)
         steps: list[stack.Step] = []
         for _ in range(MAX_ROUNDS):

@@ -12,10 +12,11 @@
 steps, in order. `apply_image` observes, plans and runs the steps. Running it twice builds
 nothing twice, which is how the agent converges after a restart.
 
-Serving comes before reading. A node builds its whole stack, export included, before it has a
-parent to read from: -src is then a multipath without paths, in which reads queue. So every
-level of the tree builds at once, and children log in while their parent is still logging in
-to its own; the reads start when the root's path is loaded and flow down the tree.
+A node builds its whole stack, export included, while it has no parent to read from yet (its
+parent still building, or not letting it in yet): -src is then a multipath without paths, in
+which reads queue. So the levels of a tree build at once: once the root reads the origin and
+lets its children in, they only log in and load their path, their own children have long
+logged in to them, and the reads flow down the tree.
 """
 
 from __future__ import annotations
@@ -146,65 +147,44 @@ def export_spec(w: Want) -> lio.ExportSpec:
 
 
 def plan_image(w: Want, s: Seen) -> list[Step]:
-    """The steps that take the kernel from `s` to `w`, in the order they must run.
-
-    A round that builds the stack or changes whom the export lets in does only that: its
-    status then admits the children at once, not after this node's own login (seconds in an
-    emulated guest), and the next round reads from the parent."""
-    serve = plan_serving(w, s)
-    if serve is None:
-        return []
-    return serve or plan_reading(w, s)
-
-
-def plan_serving(w: Want, s: Seen) -> list[Step] | None:
-    """The steps that build the stack and the export; None: nothing can be built yet (a
-    dm-linear -src needs its parent's disk, and there is none)."""
+    """The steps that take the kernel from `s` to `w`, in the order they must run. A node
+    that has no parent to read from yet builds and exports its stack all the same, over a
+    -src without a path (multipath only: a dm-linear -src needs the parent's disk)."""
     steps: list[Step] = []
     detached = s.cache.kind == "detached"
-    if not detached and s.src_table is None:
-        if w.multipath:
+    if not detached:
+        if w.parent is not None:
+            if w.parent not in s.sessions:
+                steps.append(Attach(w.parent))
+            points_at_parent = (
+                w.parent in s.sessions and s.src_table is not None
+                and s.src_table == (s.sessions[w.parent],)
+                and s.src_kind == ("multipath" if w.multipath else "linear")
+            )
+            if not points_at_parent:
+                steps.append(SetSource(w.parent))
+            elif (s.sessions[w.parent] in s.failed_paths and w.parent not in s.broken
+                  and s.sessions[w.parent] not in w.held_paths):
+                # The parent's session recovered, but multipath still shuns the path its
+                # outage failed: reads would queue for ever.
+                steps.append(ReinstatePath(s.sessions[w.parent]))
+        elif s.src_table is None:
+            if not w.multipath:
+                return steps  # nothing to read from yet
             steps.append(SetSource(None))
-        elif w.parent is None:
-            return None
-        else:
-            steps += [Attach(w.parent), SetSource(w.parent)]
-    if s.cache.kind == "absent":
-        steps.append(PassThrough() if s.cache_space_missing else BuildCache())
+        if s.cache.kind == "absent":
+            steps.append(PassThrough() if s.cache_space_missing else BuildCache())
+        elif (s.cache.kind == "passthrough" and not s.cache_space_missing
+              and w.parent is not None and w.parent in s.sessions and w.parent not in s.broken
+              and s.sessions[w.parent] not in s.failed_paths):
+            # Room again: the pass-through becomes a cache. Only while the parent answers:
+            # the reload's suspend waits for the reads queued in -src.
+            steps.append(BuildCache())
     if not s.export_dev:
         steps.append(BuildExportDev())
     spec = export_spec(w)
     if s.export is None or not _export_matches(s.export, spec):
         steps.append(Export(spec))
-    return steps
-
-
-def plan_reading(w: Want, s: Seen) -> list[Step]:
-    """The steps that point a built stack at its parent, detach it once complete, and log out
-    of the sessions it no longer reads."""
-    steps: list[Step] = []
-    detached = s.cache.kind == "detached"
-    if not detached and w.parent is not None:
-        if w.parent not in s.sessions:
-            steps.append(Attach(w.parent))
-        points_at_parent = (
-            w.parent in s.sessions and s.src_table is not None
-            and s.src_table == (s.sessions[w.parent],)
-            and s.src_kind == ("multipath" if w.multipath else "linear")
-        )
-        if not points_at_parent:
-            steps.append(SetSource(w.parent))
-        elif (s.sessions[w.parent] in s.failed_paths and w.parent not in s.broken
-              and s.sessions[w.parent] not in w.held_paths):
-            # The parent's session recovered, but multipath still shuns the path its
-            # outage failed: reads would queue for ever.
-            steps.append(ReinstatePath(s.sessions[w.parent]))
-    if (s.cache.kind == "passthrough" and not s.cache_space_missing
-            and w.parent is not None and w.parent in s.sessions and w.parent not in s.broken
-            and s.sessions[w.parent] not in s.failed_paths):
-        # Room again: the pass-through becomes a cache. Only while the parent answers:
-        # the reload's suspend waits for the reads queued in -src.
-        steps.append(BuildCache())
     done = detached or (s.cache.complete and s.cache.kind == "caching")
     if done and w.detach_when_hydrated:
         if not detached:
