@@ -869,7 +869,8 @@ def start_replayer(g: Guest, cmd: str, tag: str, timeout: float = NODE_READY_TIM
 
     ticket = ticket_path(tag)
     # One replayer per ticket: one left waiting by an earlier run would start with this one.
-    run_quick(g, f"pkill -f -- '--ticket {ticket} ' || true; rm -f {ticket} {ticket}.ready")
+    # ([-]: the pattern must not match this very shell's command line)
+    run_quick(g, f"pkill -f -- '[-]-ticket {ticket} ' || true; rm -f {ticket} {ticket}.ready")
     start_shell(g, cmd, tag)
     run_quick(g, f"i=0; until [ -e {ticket}.ready ] || [ -e /tmp/{tag}.rc ]; do i=$((i+1)); "
                  f"[ $i -gt {int(timeout * 2)} ] && break; sleep 0.5; done", timeout=timeout + 30)
