@@ -77,8 +77,15 @@ def test_a_child_logs_in_only_once_its_parents_status_lists_its_initiator() -> N
 def test_status_lists_the_exports_initiators_and_an_empty_list_without_an_export() -> None:
     r = report(CacheState("caching", 2, 16), 10)
     now = datetime.now(UTC)
-    with_acl = Report(**{**r.__dict__, "admitted": ("iqn.x:c", "iqn.x:d")})
+    with_acl = Report(**{**r.__dict__, "admitted": ("iqn.x:c", "iqn.x:d"),
+                         "attached_parent": "a"})
     assert plan_status(with_acl, {}, now)["exportInitiators"] == ["iqn.x:c", "iqn.x:d"]
+    # Built and exported, but reading from no parent yet: the children are not told to come,
+    # as their reads would wait here (the detached cache holds everything: it tells them).
+    unread = Report(**{**with_acl.__dict__, "attached_parent": ""})
+    assert plan_status(unread, {}, now)["exportInitiators"] == []
+    whole = Report(**{**unread.__dict__, "cache": CacheState("detached")})
+    assert plan_status(whole, {}, now)["exportInitiators"] == ["iqn.x:c", "iqn.x:d"]
     # Always a list: a child reads a missing one as a parent that does not say.
     assert plan_status(r, {"exportInitiators": ["iqn.x:c"]}, now)["exportInitiators"] == []
 
@@ -465,6 +472,8 @@ def agent_round(monkeypatch: pytest.MonkeyPatch, kube: TreeKube,
         return stack.Seen(None, None), stack.plan_image(w, stack.Seen(None, None))
 
     monkeypatch.setattr(stack, "apply_image", apply_image)
+    monkeypatch.setattr(stack, "reads_from_parent",
+                        lambda image: bool(applied and applied[-1].parent))
     monkeypatch.setattr(stack, "let_in", lambda w: applied.append(w) or stack.Export(
         stack.export_spec(w)))
     monkeypatch.setattr(stack, "counters", lambda image: stack.Counters(0, 0))
@@ -515,6 +524,6 @@ def test_children_that_report_while_the_stack_is_built_are_let_in_the_same_round
     kube = TreeKube({**A_EXPORT, "exportInitiators": ["iqn.x:b"]})
     late = child("c", "b")
     applied = agent_round(monkeypatch, kube, lambda w: kube.siblings.append(late)
-                          if late not in kube.siblings else None)
+                          if late not in kube.siblings else None, kernel=NoKernel(A))
     assert [w.children for w in applied] == [(), ("iqn.x:c",)]
     assert kube.written[-1]["exportInitiators"] == ["iqn.x:c"]

@@ -94,8 +94,9 @@ def tree() -> Iterator[Tree]:
                  ld.synthetic_profile(SIZE))
         t.export_origin()
         with ThreadPoolExecutor(5) as pool:
-            # As the agents do: every node builds and exports its stack before it has a parent
-            # to read from, then all log in at once.
+            # Every node builds and exports its stack before it has a parent to read from (as
+            # the agents do), then all log in at once: the reads of a node whose parent has no
+            # path yet (a parent moving to a new one of its own, too) wait, none fails.
             list(pool.map(lambda role: t.apply(role, parent=None), "ABDEC"))
             waiting = {role: pool.submit(t.apply, role) for role in "BDEC"}
             deadline = time.monotonic() + 120

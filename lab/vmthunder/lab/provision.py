@@ -556,11 +556,14 @@ class Rig:
         for name in ("operator", "csi-controller"):
             with contextlib.suppress(OSError):
                 shutil.copy(self.workdir / f"{name}.log", folder / f"{name}.log")
-        for g in self.lab.nodes:
+        for g in [*self.lab.nodes, *([self.lab.origin] if self.lab.origin else [])]:
             for log in ("agent", "csi-node"):
                 with contextlib.suppress(Exception):
                     r = g.run(f"cat /tmp/{log}.log", timeout=60)
                     (folder / f"{g.name}-{log}.log").write_text(r.stdout)
+            with contextlib.suppress(Exception):  # where each guest's CPU went, threads too
+                r = g.run("ps -e -o pid,time,comm,args --sort=-time | head -40", timeout=60)
+                (folder / f"{g.name}-cpu.txt").write_text(r.stdout)
 
     # --- clients ---
 

@@ -198,7 +198,11 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
         "bytesServed": max(prev_served, r.bytes_served),
         "hydratedInOrder": r.hydrated_in_order,
         "exportAddress": {"portal": r.export.portal, "iqn": r.export.iqn, "lun": r.export.lun},
-        "exportInitiators": list(r.admitted),
+        # Children are told to log in only once this node reads from its parent (or holds the
+        # whole image): before, their reads, the kernel's partition scan of the new disk among
+        # them, would wait here, and their agents with them.
+        "exportInitiators": (list(r.admitted) if r.attached_parent or r.cache.kind == "detached"
+                             else []),
         "holdUntil": r.hold_until.strftime("%Y-%m-%dT%H:%M:%SZ") if r.hold_until else None,
         "attachedParent": r.attached_parent,
         "heartbeat": stamp,

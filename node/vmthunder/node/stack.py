@@ -13,10 +13,10 @@ steps, in order. `apply_image` observes, plans and runs the steps. Running it tw
 nothing twice, which is how the agent converges after a restart.
 
 A node builds its whole stack, export included, while it has no parent to read from yet (its
-parent still building, or not letting it in yet): -src is then a multipath without paths, in
-which reads queue. So the levels of a tree build at once: once the root reads the origin and
-lets its children in, they only log in and load their path, their own children have long
-logged in to them, and the reads flow down the tree.
+parent not letting it in yet): -src is then a multipath without paths, in which reads queue.
+So the levels of a tree build at once, and what each level adds to the one above is a login
+and a table load: a node lets its children in once it reads from its parent (the agent's
+status), they log in and load their path, and so on down.
 """
 
 from __future__ import annotations
