@@ -561,9 +561,10 @@ class Rig:
                 with contextlib.suppress(Exception):
                     r = g.run(f"cat /tmp/{log}.log", timeout=60)
                     (folder / f"{g.name}-{log}.log").write_text(r.stdout)
-            with contextlib.suppress(Exception):  # where each guest's CPU went, threads too
-                r = g.run("ps -e -o pid,time,comm,args --sort=-time | head -40", timeout=60)
-                (folder / f"{g.name}-cpu.txt").write_text(r.stdout)
+            with contextlib.suppress(Exception):  # where each guest's CPU went (user, system)
+                r = g.run("getconf CLK_TCK; for s in /proc/[0-9]*/stat; do cat $s; echo; done; "
+                          "ps -e -o pid,args", timeout=60)
+                (folder / f"{g.name}-cpu.txt").write_text(cpu_table(r.stdout))
 
     # --- clients ---
 
@@ -859,6 +860,29 @@ class Rig:
                 time.sleep(1)
 
         in_parallel(gone, self.lab.nodes)
+
+
+def cpu_table(text: str) -> str:
+    """The CPU seconds (user, system) of a guest's processes, from `getconf CLK_TCK`, every
+    /proc/PID/stat and `ps -e -o pid,args`, most first (kernel threads too)."""
+    lines = text.splitlines()
+    hz = int(lines[0]) if lines and lines[0].isdigit() else 100
+    args: dict[str, str] = {}
+    rows = []
+    for line in lines[1:]:
+        if ") " in line and line.split(" ", 1)[0].isdigit():
+            pid = line.split(" ", 1)[0]
+            name = line[line.index("(") + 1:line.rindex(")")]
+            f = line[line.rindex(")") + 2:].split()
+            rows.append((int(f[11]) / hz, int(f[12]) / hz, pid, name))
+        elif line.strip() and line.split(None, 1)[0].isdigit():
+            pid, _, rest = line.strip().partition(" ")
+            args[pid] = rest.strip()
+    rows.sort(key=lambda r: -(r[0] + r[1]))
+    out = [f"{'user s':>8} {'sys s':>8} {'pid':>6}  command"]
+    out += [f"{u:8.1f} {st:8.1f} {pid:>6}  {args.get(pid, name)[:150]}"
+            for u, st, pid, name in rows if u + st > 0]
+    return "\n".join(out) + "\n"
 
 
 def ticket_path(tag: str) -> str:
