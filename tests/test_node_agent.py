@@ -16,6 +16,7 @@ from vmthunder.node.agent import (
     CACHE_CONDITION,
     HEARTBEAT_SECONDS,
     INITIATOR_CONDITION,
+    PROGRESS_SECONDS,
     REINSTATE_BACKOFF_MAX,
     RESYNC_SECONDS,
     Agent,
@@ -259,9 +260,26 @@ def test_an_unchanged_status_is_written_only_as_a_heartbeat() -> None:
     due = t0 + timedelta(seconds=HEARTBEAT_SECONDS)
     assert plan_status_write(st, plan_status(report(CacheState("caching", 2, 16), 10), st, due),
                              due)
-    moved = plan_status(report(CacheState("caching", 3, 16), 10), st, t0 + timedelta(seconds=1))
-    assert plan_status_write(st, moved, t0 + timedelta(seconds=1))  # progress goes out at once
     assert plan_status_write({}, st, t0)  # the first status
+
+
+def test_background_progress_is_written_every_few_seconds_the_prefetchs_at_once() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    st = plan_status(report(CacheState("caching", 2, 16), 10), {}, t0)
+    soon, due = t0 + timedelta(seconds=1), t0 + timedelta(seconds=PROGRESS_SECONDS)
+    moved = plan_status(report(CacheState("caching", 3, 16), 20), st, soon)
+    assert not plan_status_write(st, moved, soon)
+    assert plan_status_write(st, plan_status(report(CacheState("caching", 3, 16), 20), st, due),
+                             due)
+    # anything but progress goes out at once, and the prefetch's progress too
+    failed = plan_status(Report(**{**report(CacheState("caching", 3, 16), 20).__dict__,
+                                   "phase": "Failed"}), st, soon)
+    assert plan_status_write(st, failed, soon)
+    prefetching = Report(**{**report(CacheState("caching", 2, 16), 10).__dict__,
+                            "phase": "Prefetching"})
+    st = plan_status(prefetching, {}, t0)
+    ahead = Report(**{**prefetching.__dict__, "hydrated_in_order": 128})
+    assert plan_status_write(st, plan_status(ahead, st, soon), soon)
 
 
 def test_upstream_limits_a_child_to_what_its_parent_holds_in_order() -> None:

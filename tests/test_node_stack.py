@@ -8,10 +8,12 @@ from vmthunder.node import lio, names, stack
 from vmthunder.node.cache import CacheState, io_runs, runs
 from vmthunder.node.hydrate import (
     Hydrator,
+    MissCount,
     QuietGate,
     Read,
     background_threshold,
     parse_profile,
+    plan_missed,
     plan_prefetch,
     plan_read_regions,
 )
@@ -295,3 +297,13 @@ def test_a_held_failed_path_is_not_reinstated_until_its_backoff_ends() -> None:
                          "failed_paths": frozenset({"8:0"})})
     assert stack.plan_image(w, seen) == []
     assert stack.plan_image(want(), seen) == [stack.ReinstatePath("8:0")]
+
+
+def test_read_regions_are_looked_for_only_after_a_read_missed_here() -> None:
+    assert plan_missed(None, MissCount(0, 0))  # the first look
+    # the walk's own reads went upstream, nothing else: no look
+    assert not plan_missed(MissCount(100, 100), MissCount(900, 900))
+    # children read only what is held here: -src sees nothing of it
+    assert not plan_missed(MissCount(900, 900), MissCount(900, 900))
+    # a VM's (or a child's) read of a region not held went on to the parent
+    assert plan_missed(MissCount(900, 900), MissCount(1700, 1600))

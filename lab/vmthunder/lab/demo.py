@@ -12,13 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-import kubernetes
-import yaml
-
-from vmthunder.lab.controlplane import start_control_plane
-from vmthunder.lab.nodes import ZONE_LABEL, register_nodes
 from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, VERSION
-from vmthunder.operator.treeview import render_tree
 
 REPO = Path(__file__).resolve().parents[3]
 # Origin + 4 node guests boot, provision and hydrate in under 5 minutes on 2 cores (TCG).
@@ -77,6 +71,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_control_plane_demo(nodes: int = 24, zones: int = 3, fanout: int = 3) -> int:
+    # Here, not at the top: every `vmthunder` command builds the demo's arguments, and the node
+    # agent and CSI plugin start in guests where each import costs seconds.
+    import kubernetes
+    import yaml
+
+    from vmthunder.lab.controlplane import start_control_plane
+    from vmthunder.lab.nodes import ZONE_LABEL, register_nodes
+    from vmthunder.operator.treeview import render_tree
+
     with tempfile.TemporaryDirectory(prefix="vmt-demo-") as tmp:
         t0 = time.monotonic()
         cp = start_control_plane(Path(tmp) / "cp")

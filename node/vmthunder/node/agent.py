@@ -55,6 +55,9 @@ DEFAULT_IDLE_SECONDS = 2.0  # the CRD's default for spec.hydration.idleSeconds
 DEFAULT_HOLD_SECONDS = 60.0  # the CRD's default for spec.prefetch.holdSeconds
 RESYNC_SECONDS = 30.0  # a converged image's whole stack is re-read at least this often
 HEARTBEAT_SECONDS = 15.0  # an unchanged status is rewritten this often (stale after 60 s)
+PROGRESS_SECONDS = 5.0  # progress alone is written at most this often (see plan_status_write)
+PROGRESS_FIELDS = frozenset({"hydratedRegions", "hydratedInOrder", "bytesFromParent",
+                             "bytesServed"})
 REINSTATE_BACKOFF_MAX = 60.0
 
 
@@ -321,17 +324,24 @@ def plan_full_round(last: Converged | None, want: stack.Want, cache: CacheState,
 
 def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
                       now: datetime) -> bool:
-    """A changed status is written at once; an unchanged one only as a heartbeat."""
+    """A changed status is written at once, but progress alone (counters moving while the
+    cache hydrates in the background) at most every PROGRESS_SECONDS: a write is the agent's
+    largest cost per round in a lab guest, and every agent watching replicas reads each one.
+    The prefetch's progress goes out at once: the children follow it batch by batch, and the
+    volumes wait for its end. An unchanged status is written only as a heartbeat."""
     def content(s: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in s.items() if k != "heartbeat" and v is not None}
 
-    if content(previous) != content(status):
+    before, after = content(previous), content(status)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    if changed - PROGRESS_FIELDS or (status.get("phase") == "Prefetching" and changed):
         return True
     try:
         beat = datetime.strptime(str(previous.get("heartbeat")), "%Y-%m-%dT%H:%M:%SZ")
     except ValueError:
         return True
-    return (now - beat.replace(tzinfo=UTC)).total_seconds() >= HEARTBEAT_SECONDS
+    age = (now - beat.replace(tzinfo=UTC)).total_seconds()
+    return age >= (PROGRESS_SECONDS if changed else HEARTBEAT_SECONDS)
 
 
 # --- the loop ---------------------------------------------------------------------------------

@@ -116,6 +116,18 @@ def hydration_order(profile: Sequence[int], total: int) -> list[int]:
     return [*profile, *(r for r in range(total) if r not in seen)]
 
 
+@dataclass(frozen=True)
+class MissCount:
+    upstream: int  # bytes read through -src, the walk's and every miss here
+    own: int  # bytes the walk read
+
+
+def plan_missed(last: MissCount | None, now: MissCount) -> bool:
+    """Whether something other than the walk (a VM, a child) read a region not held here since
+    `last`: its read went on to the parent, so -src counted more than the walk read."""
+    return last is None or now.upstream - last.upstream > now.own - last.own
+
+
 @dataclass
 class QuietGate:
     """Whether background hydration may go on: for `idle_seconds`, this node's VMs have read
@@ -197,6 +209,7 @@ class Hydrator(threading.Thread):
         self.background_started = False
         self.error: str | None = None
         self.stopping = threading.Event()
+        self._misses: MissCount | None = None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -241,8 +254,10 @@ class Hydrator(threading.Thread):
                     return
                 looked = time.monotonic()
                 # While volumes wait for the prefetch, the look is skipped (children read what
-                # this node holds): its counters are kept for the next look.
-                if stats_id is not None and not self.holding():
+                # this node holds): its counters are kept for the next look. So it is while
+                # nothing but this walk read from the parent: a read of a region held here
+                # needs nothing, and parsing a large image's areas costs seconds of a guest.
+                if stats_id is not None and not self.holding() and self._missed():
                     hot = plan_read_regions(dm.stats_print(name, stats_id, clear_after=True),
                                             self.region_bytes, held)
                     if hot:
@@ -277,6 +292,12 @@ class Hydrator(threading.Thread):
                 self.on_progress()
             if not prefetching and self.throttle:
                 self.stopping.wait(1.0)
+
+    def _missed(self) -> bool:
+        """Whether reads other than this walk's went on to the parent since the last call."""
+        now = MissCount(stack.counters(self.image).bytes_from_parent, self.bytes_read)
+        last, self._misses = self._misses, now
+        return plan_missed(last, now)
 
     def _quiet(self, name: str) -> bool:
         if self.quiet.idle_seconds <= 0:
