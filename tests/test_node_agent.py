@@ -479,10 +479,13 @@ class NoKernel:
 
 def agent_round(monkeypatch: pytest.MonkeyPatch, kube: TreeKube,
                 on_apply: Callable[[Want], None] = lambda w: None,
-                kernel: NoKernel | None = None) -> list[Want]:
+                kernel: NoKernel | None = None,
+                counters: tuple[stack.Counters, stack.Counters] | None = None) -> list[Want]:
     """One round of node b's replica of img under parent a; returns the Wants applied (the
-    kernel as `kernel` says, the steps as planned from nothing built)."""
+    kernel as `kernel` says, the steps as planned from nothing built, the kernel's byte
+    counters `counters` before the steps and after them)."""
     applied: list[Want] = []
+    before, after = counters or (stack.Counters(0, 0), stack.Counters(0, 0))
 
     def apply_image(w: Want, *_: object) -> tuple[stack.Seen, list[stack.Step]]:
         applied.append(w)
@@ -494,7 +497,7 @@ def agent_round(monkeypatch: pytest.MonkeyPatch, kube: TreeKube,
                         lambda image: bool(applied and applied[-1].parent))
     monkeypatch.setattr(stack, "let_in", lambda w: applied.append(w) or stack.Export(
         stack.export_spec(w)))
-    monkeypatch.setattr(stack, "counters", lambda image: stack.Counters(0, 0))
+    monkeypatch.setattr(stack, "counters", lambda image: after if applied else before)
     monkeypatch.setattr(dm, "exists", lambda name: True)
     monkeypatch.setattr(dm, "ensure_nodes", lambda *names: None)
     kernel = kernel or NoKernel()
@@ -545,3 +548,13 @@ def test_children_that_report_while_the_stack_is_built_are_let_in_the_same_round
                           if late not in kube.siblings else None, kernel=NoKernel(A))
     assert [w.children for w in applied] == [(), ("iqn.x:c",)]
     assert kube.written[-1]["exportInitiators"] == ["iqn.x:c"]
+
+
+def test_the_bytes_from_the_parent_are_counted_before_a_detach_removes_their_counter(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last progress write may be seconds old when the round detaches: -src, and the
+    # kernel's count of what came through it, go with the detach.
+    kube = TreeKube({**A_EXPORT, "exportInitiators": ["iqn.x:b"]})
+    agent_round(monkeypatch, kube, kernel=NoKernel(A),
+                counters=(stack.Counters(805, 7), stack.Counters(0, 9)))
+    assert (kube.written[-1]["bytesFromParent"], kube.written[-1]["bytesServed"]) == (805, 9)

@@ -484,6 +484,7 @@ class Agent:
             tuple(previous.get("exportInitiators") or ()) if cache.kind != "absent" else None)
         sessions = session_states(image_sessions, transports.broken(connections))
         last = self.converged.pop(image, None)  # kept below only if this round changes nothing
+        counted: stack.Counters | None = None
         now = time.monotonic()
         if awaiting_acl and len(image_sessions) > 1:
             pass  # which one -src reads is for a round after the new parent lets us in
@@ -494,6 +495,9 @@ class Agent:
             admitted = last.admitted
             self.converged[image] = last
         else:
+            # The counters as the kernel has them before the steps: a detach removes -src, and
+            # with it the count of what came from the parent since the last status write.
+            counted = stack.counters(image)
             seen, steps = stack.apply_image(w, self.backend, self.transport, origin_iqn)
             w, admitted = self._let_in_late(w, stack.exported_to(w, seen, steps), steps)
             self._note_reinstated(w, seen, steps, source, now)
@@ -522,6 +526,9 @@ class Agent:
         # The prefetch (and the volumes' hold with it) starts once there is a parent to read.
         h = self._hydrator(image, cache, cspec, size, region, bool(attached), upstream)
         c = stack.counters(image)
+        if counted is not None:
+            c = stack.Counters(max(c.bytes_from_parent, counted.bytes_from_parent),
+                               max(c.bytes_served, counted.bytes_served))
         phase = plan_phase(cache, parent is not None, h.hydrated_in_order if h else 0,
                            h.error if h else None, h is not None and h.holding(),
                            reading=bool(attached))
