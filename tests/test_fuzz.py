@@ -412,3 +412,23 @@ def test_a_replica_that_passes_reads_through_loses_its_children_and_keeps_its_pa
                 ReplicaFacts("img.c", "img", "c", "b", 3, "Hydrating", beat)]
     plan = plan_replicas("img", spec, nodes, replicas, set(), NOW)
     assert {(u.node, u.parent) for u in plan.update} == {("c", "a")}
+
+
+def test_the_caches_status_carries_the_image_size_a_node_found_unless_the_spec_gives_it() -> None:
+    nodes = [NodeFacts(n, True) for n in ("a", "b")]
+    beat = NOW - timedelta(seconds=5)
+    a = ReplicaFacts.from_dict({
+        "metadata": {"name": "img.a"},
+        "spec": {"imageCache": "img", "node": "a", "parent": ORIGIN, "depth": 1},
+        "status": {"phase": "Attached", "heartbeat": beat.isoformat(),
+                   "imageSizeBytes": 5 << 20}})
+    b = ReplicaFacts("img.b", "img", "b", "a", 2, "Attaching", beat)
+    spec = CacheSpec(fanout=2, origin_fanout=1, node_selector={})
+    status = plan_replicas("img", spec, nodes, [a, b], set(), NOW).status
+    assert status.as_patch(1)["imageSizeBytes"] == 5 << 20
+    # Unknown: left out, so a known size is never cleared.
+    unknown = plan_replicas("img", spec, nodes, [replace(a, image_size=0), b], set(), NOW)
+    assert "imageSizeBytes" not in unknown.status.as_patch(1)
+    given_size = replace(spec, size_bytes=6 << 20)
+    assert plan_replicas("img", given_size, nodes, [a, b], set(), NOW
+                         ).status.image_size_bytes == 6 << 20

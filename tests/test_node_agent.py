@@ -23,6 +23,7 @@ from vmthunder.node.agent import (
     Converged,
     Report,
     children_initiators,
+    known_size,
     parent_address,
     parent_admits,
     plan_cache_event,
@@ -167,6 +168,24 @@ def test_phases_follow_the_cache_layer() -> None:
 def report(cache: CacheState, from_parent: int) -> Report:
     return Report("Detached" if cache.kind == "detached" else "Hydrating", cache, from_parent,
                   7, 5, TargetAddress("10.0.0.12:3260", "iqn.x:b.img"), "", "iqn.x:b", "")
+
+
+def test_a_child_knows_the_image_size_from_the_spec_its_parent_or_the_caches_status() -> None:
+    assert known_size({}, {}, None) == 0  # nobody knows: the node reads it from its parent
+    assert known_size({}, {"imageSizeBytes": 7 << 20}, {}) == 7 << 20
+    assert known_size({}, {"imageSizeBytes": 7 << 20}, {"imageSizeBytes": 8 << 20}) == 8 << 20
+    assert known_size({"sizeBytes": 9 << 20}, {"imageSizeBytes": 7 << 20},
+                      {"imageSizeBytes": 8 << 20}) == 9 << 20
+
+
+def test_status_reports_the_image_size_once_known_and_keeps_it() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    unknown = report(CacheState("caching", 2, 16), 10)
+    assert plan_status(unknown, {}, now)["imageSizeBytes"] is None
+    found = Report(**{**unknown.__dict__, "image_size": 1 << 20})
+    st = plan_status(found, {}, now)
+    assert st["imageSizeBytes"] == 1 << 20
+    assert plan_status(unknown, st, now)["imageSizeBytes"] == 1 << 20
 
 
 def test_status_counters_never_go_backwards_after_detach_drops_the_kernel_counter() -> None:

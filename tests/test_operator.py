@@ -168,6 +168,16 @@ def test_failed_or_silent_replica_loses_its_children(cluster: Cluster) -> None:
     cluster.set_replica_status("golden", silent, heartbeat=datetime.now(UTC).isoformat())
 
 
+def test_the_image_size_a_node_found_goes_into_the_image_cache_s_status(cluster: Cluster
+                                                                        ) -> None:
+    # "golden" gives no spec.sizeBytes: CreateVolume sizes volumes by the status's.
+    assert "imageSizeBytes" not in cluster.cache("golden")["status"]
+    root = sorted(n for n, p in cluster.parents("golden").items() if p == ORIGIN)[0]
+    cluster.set_replica_status("golden", root, imageSizeBytes=768 << 20)
+    assert wait_for("the ImageCache's imageSizeBytes",
+                    lambda: cluster.cache("golden")["status"].get("imageSizeBytes")) == 768 << 20
+
+
 def _lose_a_parent(cluster: Cluster, beat_ago: float, timeout: float) -> float:
     """A parent whose last heartbeat was `beat_ago` s ago and a child that lost its session to
     it; returns how long its children took to move."""

@@ -148,6 +148,7 @@ class Report:
     cache_dir: str = ""
     admitted: tuple[str, ...] = ()  # the initiators our export's ACLs let in
     hold_until: datetime | None = None  # while volumes wait for the prefetch: until when
+    image_size: int = 0  # bytes, once known (0: not yet)
 
 
 def initiator_condition(initiator: str) -> dict[str, str]:
@@ -197,6 +198,8 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
         "phase": r.phase,
         "hydratedRegions": hydrated,
         "totalRegions": total,
+        # What the node found (or was told): its children and the operator take it from here.
+        "imageSizeBytes": r.image_size or previous.get("imageSizeBytes"),
         "bytesFromParent": max(prev_from, r.bytes_from_parent),
         "bytesServed": max(prev_served, r.bytes_served),
         "hydratedInOrder": r.hydrated_in_order,
@@ -212,6 +215,19 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
         "message": r.message[:4000],
         "conditions": conditions,
     }
+
+
+def known_size(cspec: Mapping[str, Any], cache_status: Mapping[str, Any],
+               parent_status: Mapping[str, Any] | None) -> int:
+    """The image's size in bytes without reading the parent (0: unknown): the spec's, else
+    what a node reported, its parent's own report first (the operator's copy in the
+    ImageCache's status comes a hop later). Known, a child builds its stack before it can
+    read, so the tree's levels attach at once."""
+    for size in (cspec.get("sizeBytes"), (parent_status or {}).get("imageSizeBytes"),
+                 cache_status.get("imageSizeBytes")):
+        if size:
+            return int(size)
+    return 0
 
 
 def cache_condition(r: Report) -> dict[str, str] | None:
@@ -464,7 +480,7 @@ class Agent:
         awaiting_acl = (parent is not None and parent not in image_sessions
                         and not parent_admits(spec, parent_status, self.initiator))
         source = source_while_awaiting(image_sessions) if awaiting_acl else parent
-        size = int(cspec.get("sizeBytes") or (ic.get("status") or {}).get("imageSizeBytes") or 0)
+        size = known_size(cspec, ic.get("status") or {}, parent_status)
         if not size:
             size = self._probe_size(image, source, chap)
         w = stack.Want(
@@ -544,6 +560,7 @@ class Agent:
             message=(h.error if h and h.error else self.notes.get(image) or message),
             admitted=admitted or (),
             hold_until=hold.wall if phase == "Prefetching" and hold is not None else None,
+            image_size=size,
         )
         self.statuses[image] = self._write_status(r, rep)
         if attached and previous.get("attachedParent") not in ("", None, attached):

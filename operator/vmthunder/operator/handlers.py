@@ -65,9 +65,10 @@ class Memo:
         return all(i.synced.is_set() for i in (self.nodes, self.replicas, self.volumes))
 
 
-def _planning_key(r: ReplicaFacts) -> tuple[str, str, int, str, bool, bool]:
-    """What of a replica the plan depends on (not its byte counters or each heartbeat)."""
-    return (r.image_cache, r.parent, r.depth, r.phase, r.parent_lost, r.caching)
+def _planning_key(r: ReplicaFacts) -> tuple[str, str, int, str, bool, bool, int]:
+    """What of a replica the plan and the cache's status depend on (not its byte counters or
+    each heartbeat)."""
+    return (r.image_cache, r.parent, r.depth, r.phase, r.parent_lost, r.caching, r.image_size)
 
 
 @kopf.on.startup()

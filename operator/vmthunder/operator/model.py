@@ -47,6 +47,7 @@ class CacheSpec:
     origin_fanout: int | None = None
     node_selector: Mapping[str, str] | None = None  # None: no pre-warming, volumes only
     topology_key: str = "topology.kubernetes.io/zone"
+    size_bytes: int = 0  # 0: not given, a node finds it
 
     @staticmethod
     def from_spec(spec: Mapping[str, Any]) -> CacheSpec:
@@ -56,6 +57,7 @@ class CacheSpec:
             origin_fanout=spec.get("originFanout"),
             node_selector=dict(selector) if selector is not None else None,
             topology_key=str(spec.get("topologyKey", "topology.kubernetes.io/zone")),
+            size_bytes=int(spec.get("sizeBytes") or 0),
         )
 
 
@@ -89,6 +91,7 @@ class ReplicaFacts:
     total_regions: int = 0
     parent_lost: bool = False  # its session to its parent carries no I/O
     caching: bool = True  # False: no room for its cache, it passes reads through (a leaf)
+    image_size: int = 0  # the image's size as its node found it (0: not yet)
 
     @property
     def hydrated(self) -> bool:
@@ -112,6 +115,7 @@ class ReplicaFacts:
             parent_lost=bool(status.get("parentLostAt")),
             caching=not any(c.get("type") == CACHE_CONDITION and c.get("status") == "False"
                             for c in status.get("conditions") or ()),
+            image_size=int(status.get("imageSizeBytes") or 0),
         )
 
 

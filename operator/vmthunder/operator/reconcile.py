@@ -44,6 +44,7 @@ class CacheStatus:
     tree_depth: int
     origin_bytes_served: int
     failed_nodes: tuple[str, ...] = ()
+    image_size_bytes: int = 0  # 0: not known yet (left out of the patch, never cleared)
 
     def as_patch(self, generation: int | None) -> dict[str, Any]:
         patch: dict[str, Any] = {
@@ -53,6 +54,8 @@ class CacheStatus:
             "treeDepth": self.tree_depth,
             "originBytesServed": self.origin_bytes_served,
         }
+        if self.image_size_bytes:
+            patch["imageSizeBytes"] = self.image_size_bytes
         if generation is not None:
             patch["observedGeneration"] = generation
         return patch
@@ -198,16 +201,21 @@ def plan_replicas(
     delete = sorted(r.name for node, r in current.items() if node not in member_set)
 
     status = aggregate_status(
-        [r for n, r in current.items() if n in member_set], placements, len(members)
+        [r for n, r in current.items() if n in member_set], placements, len(members),
+        spec.size_bytes,
     )
     return ReplicaPlan(tuple(create), tuple(update), tuple(delete), tuple(reparented), status,
                        min(deadlines, default=None), still_lost)
 
 
 def aggregate_status(
-    replicas: Iterable[ReplicaFacts], placements: Mapping[str, Placement], node_count: int
+    replicas: Iterable[ReplicaFacts], placements: Mapping[str, Placement], node_count: int,
+    spec_size: int = 0,
 ) -> CacheStatus:
+    """The ImageCache's status. Its image size is the spec's, else the one the nodes found
+    (the CSI controller sizes volumes by it): every node reads the same image."""
     replicas = list(replicas)
+    size = spec_size or max((r.image_size for r in replicas), default=0)
     hydrated = sum(1 for r in replicas if r.hydrated)
     failed = tuple(sorted(r.node for r in replicas if r.phase == "Failed"))
     origin_bytes = sum(r.bytes_from_parent for r in replicas if r.parent == ORIGIN)
@@ -220,4 +228,4 @@ def aggregate_status(
         phase = "Ready"
     else:
         phase = "Distributing"
-    return CacheStatus(phase, node_count, hydrated, depth, origin_bytes, failed)
+    return CacheStatus(phase, node_count, hydrated, depth, origin_bytes, failed, size)
