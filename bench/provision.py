@@ -134,6 +134,9 @@ def baseline(rig: Rig, mode: str) -> Run:
                 "exit $rc")
 
     runs = {g.name: NodeRun(g.name) for g in nodes}
+    timeout = rig.options.boot_timeout
+    if mode == "copy-first":  # the wait covers the copies, N images through the origin's link
+        timeout += 2 * len(nodes) * rig.profile.image_size * 8 / (rig.options.rate_mbit * 1e6)
     in_parallel(lambda g: start_replayer(g, replayer_cmd(rig, tag), tag), nodes)
     t0 = time.time()
 
@@ -141,7 +144,7 @@ def baseline(rig: Rig, mode: str) -> Run:
         nr = runs[g.name]
         try:
             start_shell(g, script(g), f"{tag}-run")
-            out = wait_boot(g, tag, rig.options.boot_timeout, setup=f"{tag}-run")
+            out = wait_boot(g, tag, timeout, setup=f"{tag}-run")
             for key in ("first_byte", "booted"):
                 stamp = rig.host_time(g, out.get(f"t_{key}"))
                 setattr(nr, key, None if stamp is None else stamp - t0)
