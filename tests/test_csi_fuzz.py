@@ -73,7 +73,7 @@ def driver(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
     api = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
         str(control_plane.kubeconfig))
     custom = kubernetes.client.CustomObjectsApi(api)
-    state = KubeState(api)
+    state = KubeState(control_plane.rest())
     custom.create_cluster_custom_object(GROUP, VERSION, IMAGE_CACHES, {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageCache", "metadata": {"name": IMAGE},
         "spec": {"source": {"http": {"url": "http://images.example/golden.raw"}},

@@ -26,7 +26,7 @@ IMAGE, NODE = "stage-wait-golden", "stage-wait-node"
 def api(control_plane: ControlPlane) -> Iterator[Any]:
     client = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
         str(control_plane.kubeconfig))
-    yield kubernetes.client.CustomObjectsApi(client), KubeState(client)
+    yield kubernetes.client.CustomObjectsApi(client), KubeState(control_plane.rest())
     try:
         kubernetes.client.CustomObjectsApi(client).delete_cluster_custom_object(
             GROUP, VERSION, IMAGE_REPLICAS, replica_name(IMAGE, NODE))

@@ -1,5 +1,5 @@
 """The agent's core-group reads and its events, against the real API server: the CHAP secret,
-the boot profile's ConfigMap, a missing one, an event (vmthunder.kube.CoreJson underneath)."""
+the boot profile's ConfigMap, a missing one, an event (vmthunder.kube.Rest underneath)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import uuid
 
 import kubernetes
 import pytest
-from kubernetes.client.exceptions import ApiException
 
+from vmthunder.kube import ApiError
 from vmthunder.lab.controlplane import ControlPlane
 from vmthunder.node.api import EVENTS_NAMESPACE, Kube
 from vmthunder.node.iscsi import Chap
@@ -21,7 +21,7 @@ def clients(control_plane: ControlPlane) -> tuple[Kube, kubernetes.client.CoreV1
     core = kubernetes.client.CoreV1Api(api)
     ns = f"kube-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": ns}})  # type: ignore[arg-type]
-    return Kube(api), core, ns
+    return Kube(control_plane.rest()), core, ns
 
 
 def test_chap_secret_and_profile_config_map_are_read(
@@ -45,7 +45,7 @@ def test_chap_secret_and_profile_config_map_are_read(
 def test_a_missing_secret_raises_the_api_servers_not_found(
         clients: tuple[Kube, kubernetes.client.CoreV1Api, str]) -> None:
     kube, _, ns = clients
-    with pytest.raises(ApiException) as e:
+    with pytest.raises(ApiError) as e:
         kube.chap({"name": "nowhere", "namespace": ns})
     assert e.value.status == 404
     assert "nowhere" in (e.value.body or "")

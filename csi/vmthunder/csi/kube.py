@@ -3,15 +3,10 @@ ImageCaches, ImageReplicas and Nodes the driver reads. No private database."""
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
-
-import kubernetes
-import kubernetes.watch
-from kubernetes.client.exceptions import ApiException
+from typing import Any
 
 from vmthunder.csi.names import (
     API_VERSION,
@@ -26,6 +21,7 @@ from vmthunder.csi.names import (
     is_object_name,
     replica_name,
 )
+from vmthunder.kube import ApiError, Obj, Rest, core_path, custom_path
 
 
 def phase_of(status: Mapping[str, Any] | None) -> str | None:
@@ -100,26 +96,21 @@ class NodeInfo:
     ready: bool
 
 
+def _path(plural: str, name: str | None = None, subresource: str | None = None) -> str:
+    return custom_path(GROUP, VERSION, plural, name, subresource)
+
+
 class KubeState:
     """Typed reads and writes of the driver's objects. Not found reads return None."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
-        self.custom = kubernetes.client.CustomObjectsApi(api_client)
-        self.api_client = api_client
-        self.version = kubernetes.client.VersionApi(api_client)
-
-    @functools.cached_property
-    def core(self) -> kubernetes.client.CoreV1Api:
-        """Built on first use, by the controller's node lookups: building one imports the core
-        group's generated models (vmthunder.kube.CoreJson says what that costs), which the
-        node plugin never needs."""
-        return kubernetes.client.CoreV1Api(self.api_client)
+    def __init__(self, rest: Rest) -> None:
+        self.rest = rest
 
     # --- reachability ---
 
     def reachable(self) -> bool:
         try:
-            self.version.get_code(_request_timeout=5)
+            self.rest.get("/version", timeout=5)
         except Exception:
             return False
         return True
@@ -133,10 +124,8 @@ class KubeState:
     def create_volume(self, volume: Volume) -> bool:
         """Creates the ImageVolume; False if one of that name exists already."""
         try:
-            self.custom.create_cluster_custom_object(
-                GROUP, VERSION, IMAGE_VOLUMES, volume.to_object()
-            )
-        except ApiException as e:
+            self.rest.create(_path(IMAGE_VOLUMES), volume.to_object())
+        except ApiError as e:
             if e.status == 409:
                 return False
             raise
@@ -144,18 +133,13 @@ class KubeState:
 
     def list_volumes(self, node: str | None = None) -> list[Volume]:
         selector = f"{LABEL_NODE}={node}" if node else ""
-        result = cast(dict[str, Any], self.custom.list_cluster_custom_object(
-            GROUP, VERSION, IMAGE_VOLUMES, label_selector=selector
-        ))
+        result = self.rest.get(_path(IMAGE_VOLUMES), {"labelSelector": selector})
         return [Volume.from_object(obj) for obj in result.get("items", [])]
 
     def watch_volumes(self, node: str, timeout_seconds: int) -> Iterator[tuple[str, Volume]]:
         """(event type, volume) for the node's ImageVolumes until the server ends the watch."""
-        watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
-        for event in watch.stream(  # type: ignore[no-untyped-call]
-            self.custom.list_cluster_custom_object, GROUP, VERSION, IMAGE_VOLUMES,
-            label_selector=f"{LABEL_NODE}={node}", timeout_seconds=timeout_seconds,
-        ):
+        for event in self.rest.watch(_path(IMAGE_VOLUMES), timeout_seconds,
+                                     {"labelSelector": f"{LABEL_NODE}={node}"}):
             obj = event.get("object")
             if isinstance(obj, dict) and obj.get("kind") == "ImageVolume":
                 yield str(event["type"]), Volume.from_object(obj)
@@ -164,24 +148,21 @@ class KubeState:
         if not is_object_name(volume_id):
             return  # no such object can exist (and "." would name the collection)
         try:
-            self.custom.delete_cluster_custom_object(GROUP, VERSION, IMAGE_VOLUMES, volume_id)
-        except ApiException as e:
+            self.rest.delete(_path(IMAGE_VOLUMES, volume_id))
+        except ApiError as e:
             if e.status != 404:
                 raise
 
     def set_capacity(self, volume_id: str, capacity_bytes: int) -> None:
-        self.custom.patch_cluster_custom_object(
-            GROUP, VERSION, IMAGE_VOLUMES, volume_id, {"spec": {"capacityBytes": capacity_bytes}}
-        )
+        self.rest.patch(_path(IMAGE_VOLUMES, volume_id),
+                        {"spec": {"capacityBytes": capacity_bytes}})
 
     def set_phase(self, volume_id: str, phase: str, message: str = "") -> None:
         """Best effort: the phase is for humans (kubectl get iv), nothing decides on it."""
         try:
-            self.custom.patch_cluster_custom_object_status(
-                GROUP, VERSION, IMAGE_VOLUMES, volume_id,
-                {"status": {"phase": phase, "message": message}},
-            )
-        except ApiException as e:
+            self.rest.patch(_path(IMAGE_VOLUMES, volume_id, "status"),
+                            {"status": {"phase": phase, "message": message}})
+        except ApiError as e:
             if e.status != 404:
                 raise
 
@@ -205,11 +186,9 @@ class KubeState:
             patch = {"metadata": {"finalizers": wanted,
                                   "resourceVersion": obj["metadata"]["resourceVersion"]}}
             try:
-                self.custom.patch_cluster_custom_object(
-                    GROUP, VERSION, IMAGE_VOLUMES, volume_id, patch
-                )
+                self.rest.patch(_path(IMAGE_VOLUMES, volume_id), patch)
                 return
-            except ApiException as e:
+            except ApiError as e:
                 if e.status == 404:
                     return
                 if e.status != 409:
@@ -250,12 +229,11 @@ class KubeState:
             left = deadline - time.monotonic()
             if left <= 0 or not is_object_name(name):
                 return False, status
-            watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
-            try:  # with no resourceVersion the first event is the object as it is now
-                for event in watch.stream(  # type: ignore[no-untyped-call]
-                        self.custom.list_cluster_custom_object, GROUP, VERSION, IMAGE_REPLICAS,
-                        field_selector=f"metadata.name={name}",
-                        timeout_seconds=max(1, int(min(left, recheck or left)))):
+            events = self.rest.watch(  # with no resourceVersion: first the object as it is
+                _path(IMAGE_REPLICAS), max(1, int(min(left, recheck or left))),
+                {"fieldSelector": f"metadata.name={name}"})
+            try:
+                for event in events:
                     obj = event.get("object")
                     if not isinstance(obj, dict) or obj.get("kind") != "ImageReplica":
                         continue  # a watch error (its Status): the loop below looks again
@@ -263,17 +241,16 @@ class KubeState:
                               else dict(obj.get("status") or {}))
                     if until(status):
                         return True, status
-            except ApiException:
+            except ApiError:
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             finally:
-                watch.stop()  # type: ignore[no-untyped-call]
+                events.close()
         return True, status
 
     def replica_phases(self, image_cache: str) -> dict[str, str]:
         """node -> phase for every replica of the image."""
-        result = cast(dict[str, Any], self.custom.list_cluster_custom_object(
-            GROUP, VERSION, IMAGE_REPLICAS, label_selector=f"{LABEL_IMAGE_CACHE}={image_cache}"
-        ))
+        result = self.rest.get(_path(IMAGE_REPLICAS),
+                               {"labelSelector": f"{LABEL_IMAGE_CACHE}={image_cache}"})
         return {
             str(obj["spec"]["node"]): str((obj.get("status") or {}).get("phase", "Pending"))
             for obj in result.get("items", [])
@@ -283,24 +260,15 @@ class KubeState:
         if not is_object_name(name):
             return None
         try:
-            node = self.core.read_node(name)
-        except ApiException as e:
+            return _node_info(self.rest.get(core_path("nodes", name)))
+        except ApiError as e:
             if e.status == 404:
                 return None
             raise
-        conditions = node.status.conditions if node.status else None
-        return NodeInfo(name, any(c.type == "Ready" and c.status == "True"
-                                  for c in conditions or []))
 
     def nodes(self) -> dict[str, NodeInfo]:
-        result = self.core.list_node()
-        nodes = {}
-        for node in result.items:
-            name = str(node.metadata.name) if node.metadata else ""
-            conditions = node.status.conditions if node.status else None
-            ready = any(c.type == "Ready" and c.status == "True" for c in conditions or [])
-            nodes[name] = NodeInfo(name, ready)
-        return nodes
+        infos = (_node_info(n) for n in self.rest.get(core_path("nodes")).get("items", []))
+        return {info.name: info for info in infos}
 
     def _get(self, plural: str, name: str) -> dict[str, Any] | None:
         """The object, or None if it does not exist or `name` cannot name one (a request's
@@ -308,14 +276,17 @@ class KubeState:
         if not is_object_name(name):
             return None
         try:
-            obj = cast(dict[str, Any], self.custom.get_cluster_custom_object(
-                GROUP, VERSION, plural, name
-            ))
-        except ApiException as e:
+            return self.rest.get(_path(plural, name))
+        except ApiError as e:
             if e.status == 404:
                 return None
             raise
-        return obj
+
+
+def _node_info(node: Obj) -> NodeInfo:
+    conditions = (node.get("status") or {}).get("conditions") or []
+    return NodeInfo(str(node["metadata"]["name"]), any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in conditions))
 
 
 def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:

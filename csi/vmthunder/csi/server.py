@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
-from kubernetes.client.exceptions import ApiException
 from prometheus_client import Histogram, start_http_server
-from urllib3.exceptions import HTTPError
 
 from vmthunder.csi.controller import ControllerService
 from vmthunder.csi.cow import DmSnapshotBackend
@@ -27,7 +25,7 @@ from vmthunder.csi.identity import IdentityService
 from vmthunder.csi.kube import KubeState
 from vmthunder.csi.node import NodeService, Reclaimer, VolumeLocks
 from vmthunder.csi.proto import csi_pb2_grpc
-from vmthunder.kube import load_api_client
+from vmthunder.kube import ApiError, Rest
 
 CALL_SECONDS = Histogram(
     "vmthunder_csi_call_seconds", "CSI call latency by method and status code",
@@ -45,9 +43,7 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         return error.code, error.message
     if isinstance(error, NotImplementedError):  # the generated base class's default
         return grpc.StatusCode.UNIMPLEMENTED, "not implemented"
-    transient_api = isinstance(error, ApiException) and (
-        (error.status or 0) in (0, 429) or (error.status or 0) >= 500)
-    if transient_api or isinstance(error, HTTPError):
+    if isinstance(error, ApiError) and error.transient:
         return grpc.StatusCode.UNAVAILABLE, f"API server: {error}"
     return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
 
@@ -146,7 +142,7 @@ def run(options: Options) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if options.metrics_port:
         start_http_server(options.metrics_port)
-    server, stop_helpers = build_server(options, KubeState(load_api_client()))
+    server, stop_helpers = build_server(options, KubeState(Rest.from_environment()))
     server.start()
     logging.getLogger(__name__).info("CSI %s plugin serving on %s (pid %d)", options.mode,
                                      options.endpoint, os.getpid())

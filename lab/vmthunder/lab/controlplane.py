@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmthunder.kube import Credentials, Rest
+
 CACHE = Path(os.environ.get("VMT_CACHE", Path.home() / ".cache" / "vmthunder"))
 BIN = CACHE / "bin"
 REPO = Path(__file__).resolve().parents[3]
@@ -92,6 +94,10 @@ class ControlPlane:
     def env(self) -> dict[str, str]:
         """Environment for a child process (operator, CSI driver) to reach this API server."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    def rest(self) -> Rest:
+        """The project's JSON client (the node side's) as this control plane's admin."""
+        return Rest(Credentials.from_kubeconfig(str(self.kubeconfig)))
 
     def token_kubeconfig(self, name: str, token: str) -> Path:
         """A kubeconfig that authenticates with a bearer token (e.g. a ServiceAccount's)."""

@@ -665,7 +665,7 @@ class Agent:
             else:
                 text = self.kube.profile(prefetch.get("profileConfigMap"))
             return (plan_prefetch(parse_profile(text), region, size) if text else []), None
-        except Exception as e:  # ValueError (corrupt), OSError, ApiException (no ConfigMap)
+        except Exception as e:  # ValueError (corrupt), OSError, ApiError (no ConfigMap)
             log.warning("%s: boot profile unusable, hydrating without prefetch: %s", image, e)
             return [], f"boot profile unusable, hydrating without prefetch: {e}"[:1000]
 
@@ -684,7 +684,7 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
               replacement_timeout: int | None = None, profile_file: str | None = None,
               once: bool = False, metrics_port: int = 0) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from vmthunder.kube import load_api_client
+    from vmthunder.kube import Rest
 
     # With multipath, a dead session must fail fast so dm-multipath queues the I/O itself
     # (queue_if_no_path) until a new parent's path is loaded; without it the SCSI layer queues.
@@ -697,7 +697,7 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
             prepare()
         except Exception:  # the first round tries again and reports what fails
             log.exception("preparing the kernel side")
-    kube = WatchedKube(load_api_client(), node).start()
+    kube = WatchedKube(Rest.from_environment(), node).start()
     agent = Agent(node, kube, make_backend(backend, cache_dir), transport, export_ip,
                   multipath=multipath, profile_file=profile_file, news=kube.wake.set)
     if metrics_port:

@@ -9,14 +9,14 @@ a poll's few HTTPS calls cost a third of the vCPU the VMs boot on.
 from __future__ import annotations
 
 import base64
-import functools
 import logging
 import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
+from vmthunder.kube import ApiError, Rest, core_path, custom_path
 from vmthunder.node.iscsi import Chap
 from vmthunder.operator.informer import Informer
 from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, LABEL_NODE, VERSION
@@ -31,20 +31,13 @@ log = logging.getLogger("vmthunder.agent")
 class Kube:
     """The few reads and the one write the agent does."""
 
-    def __init__(self, api_client: Any) -> None:
-        import kubernetes
-
-        from vmthunder.kube import CoreJson
-
-        self.custom = kubernetes.client.CustomObjectsApi(api_client)
-        self.core = CoreJson(api_client)
+    def __init__(self, rest: Rest) -> None:
+        self.rest = rest
 
     def _get(self, plural: str, name: str) -> Obj | None:
-        from kubernetes.client.exceptions import ApiException
-
         try:
-            return cast(Obj, self.custom.get_cluster_custom_object(GROUP, VERSION, plural, name))
-        except ApiException as e:
+            return self.rest.get(custom_path(GROUP, VERSION, plural, name))
+        except ApiError as e:
             if e.status == 404:
                 return None
             raise
@@ -52,8 +45,8 @@ class Kube:
     def replicas(self, labels: Mapping[str, str]) -> list[Obj]:
         """The replicas carrying all of `labels`."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        res = cast(Obj, self.custom.list_cluster_custom_object(
-            GROUP, VERSION, IMAGE_REPLICAS, label_selector=selector))
+        res = self.rest.get(custom_path(GROUP, VERSION, IMAGE_REPLICAS),
+                            {"labelSelector": selector})
         return list(res.get("items", []))
 
     def replica(self, name: str) -> Obj | None:
@@ -65,7 +58,7 @@ class Kube:
     def chap(self, ref: Mapping[str, Any] | None) -> Chap | None:
         if not ref:
             return None
-        s = self.core.get("secrets", ref["namespace"], ref["name"])
+        s = self.rest.get(core_path("secrets", ref["name"], ref["namespace"]))
         data = {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
         return Chap(data["username"], data["password"], data.get("mutualUsername"),
                     data.get("mutualPassword"))
@@ -73,18 +66,18 @@ class Kube:
     def profile(self, ref: Mapping[str, Any] | None) -> str | None:
         if not ref:
             return None
-        cm = self.core.get("configmaps", ref["namespace"], ref["name"])
+        cm = self.rest.get(core_path("configmaps", ref["name"], ref["namespace"]))
         return str((cm.get("data") or {}).get("profile", "")) or None
 
     def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
-        self.custom.patch_cluster_custom_object_status(
-            GROUP, VERSION, IMAGE_REPLICAS, name, {"status": dict(status)})
+        self.rest.patch(custom_path(GROUP, VERSION, IMAGE_REPLICAS, name, "status"),
+                        {"status": dict(status)})
 
     def event(self, replica: Mapping[str, Any], kind: str, reason: str, message: str,
               source: str) -> None:
         meta = replica["metadata"]
-        stamp = datetime.now(UTC)
-        self.core.create("events", EVENTS_NAMESPACE, {
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.rest.create(core_path("events", namespace=EVENTS_NAMESPACE), {
             "metadata": {"generateName": f"{meta['name']}."},
             "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageReplica",
                                "name": meta["name"], "uid": meta.get("uid")},
@@ -125,18 +118,16 @@ def _wanted(replica: Mapping[str, Any]) -> tuple[Any, ...]:
 # --- the watched view ---------------------------------------------------------------------------
 
 class WatchedKube(Kube):
-    def __init__(self, api_client: Any, node: str) -> None:
-        super().__init__(api_client)
+    def __init__(self, rest: Rest, node: str) -> None:
+        super().__init__(rest)
         self.node = node
         self.wake = threading.Event()
         self._mine: dict[str, Obj] = {}  # this node's replicas, for `concerns` (few)
         self._secrets: dict[tuple[str, str], tuple[float, Chap | None]] = {}
-        self._replicas = Informer[Obj]("imagereplicas", functools.partial(
-            self.custom.list_cluster_custom_object, GROUP, VERSION, IMAGE_REPLICAS),
-            dict, self._replica_changed)
-        self._caches = Informer[Obj]("imagecaches", functools.partial(
-            self.custom.list_cluster_custom_object, GROUP, VERSION, IMAGE_CACHES),
-            dict, lambda old, new: self.wake.set())
+        self._replicas = Informer[Obj](rest, custom_path(GROUP, VERSION, IMAGE_REPLICAS),
+                                       dict, self._replica_changed)
+        self._caches = Informer[Obj](rest, custom_path(GROUP, VERSION, IMAGE_CACHES),
+                                     dict, lambda old, new: self.wake.set())
 
     def start(self) -> WatchedKube:
         """Starts the watches and returns once both have listed. Never sooner: a round on

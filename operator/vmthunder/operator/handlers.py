@@ -13,14 +13,14 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-import kubernetes
 
+from vmthunder.kube import Rest, core_path, custom_path
 from vmthunder.operator.informer import Informer
 from vmthunder.operator.model import (
     GROUP,
@@ -79,8 +79,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     loop = asyncio.get_running_loop()
     api_client = load_kube_config()
-    core = kubernetes.client.CoreV1Api(api_client)
-    custom = kubernetes.client.CustomObjectsApi(api_client)
+    rest = Rest.from_environment()
 
     def wake(cache: str | None = None) -> None:
         loop.call_soon_threadsafe(memo["state"].trigger, cache)
@@ -95,15 +94,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     def on_volume(old: VolumeFacts | None, new: VolumeFacts | None) -> None:
         wake((new or old).image_cache)  # type: ignore[union-attr]
 
-    def custom_list(plural: str) -> Callable[..., Any]:
-        return lambda **kw: custom.list_cluster_custom_object(GROUP, VERSION, plural, **kw)
-
     memo["state"] = Memo(
         writer=ReplicaWriter(api_client),
-        nodes=Informer("nodes", core.list_node, NodeFacts.from_object, on_node).start(),
-        replicas=Informer("imagereplicas", custom_list(IMAGE_REPLICAS),
+        nodes=Informer(rest, core_path("nodes"), NodeFacts.from_object, on_node).start(),
+        replicas=Informer(rest, custom_path(GROUP, VERSION, IMAGE_REPLICAS),
                           ReplicaFacts.from_dict, on_replica).start(),
-        volumes=Informer("imagevolumes", custom_list(IMAGE_VOLUMES),
+        volumes=Informer(rest, custom_path(GROUP, VERSION, IMAGE_VOLUMES),
                          VolumeFacts.from_dict, on_volume).start(),
     )
 

@@ -2,41 +2,42 @@
 
 kopf runs its full per-object handler machinery on every event; at thousands of nodes whose
 agents report every few seconds that machinery, not the API server, becomes the bottleneck.
-An Informer keeps only the facts the planner needs (`extract`), parses raw JSON (no client
-models), and calls `on_change` only when those facts change.
+An Informer keeps only the facts the planner needs (`extract`), reads raw JSON (`Rest`, no
+client models), and calls `on_change` only when those facts change.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
-from kubernetes.client.exceptions import ApiException
+from vmthunder.kube import ApiError, Rest
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-ListCall = Callable[..., Any]  # a kubernetes client list_* method (raw with _preload_content)
+WATCH_SECONDS = 240  # the server ends a watch after this; the informer watches on from there
 Extract = Callable[[Mapping[str, Any]], T]
 OnChange = Callable[[T | None, T | None], None]
 
 
 class Informer(Generic[T]):
-    def __init__(self, name: str, list_call: ListCall, extract: Extract[T],
-                 on_change: OnChange[T], page_size: int = 1000) -> None:
-        self.name = name
-        self.list_call = list_call
+    def __init__(self, rest: Rest, path: str, extract: Extract[T], on_change: OnChange[T],
+                 page_size: int = 1000) -> None:
+        """`path`: the collection, e.g. /api/v1/nodes."""
+        self.name = path.rsplit("/", 1)[-1]
+        self.rest = rest
+        self.path = path
         self.extract = extract
         self.on_change = on_change
         self.page_size = page_size
         self.items: dict[str, T] = {}
         self.synced = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"informer-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"informer-{self.name}", daemon=True)
 
     def start(self) -> Informer[T]:
         self._thread.start()
@@ -65,10 +66,7 @@ class Informer(Generic[T]):
         fresh: dict[str, T] = {}
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"limit": self.page_size, "_preload_content": False}
-            if token:
-                kwargs["_continue"] = token
-            page = json.loads(self.list_call(**kwargs).data)
+            page = self.rest.get(self.path, {"limit": self.page_size, "continue": token})
             for obj in page.get("items", []):
                 item = self._extract(obj)
                 if item is not None:
@@ -93,36 +91,38 @@ class Informer(Generic[T]):
             return None
 
     def _watch(self, version: str) -> str:
+        events = self.rest.watch(self.path, WATCH_SECONDS, {
+            "resourceVersion": version, "allowWatchBookmarks": True})
         try:
-            response = self.list_call(
-                watch=True, resource_version=version, allow_watch_bookmarks=True,
-                timeout_seconds=240, _preload_content=False,
-            )
-        except ApiException as e:
+            for event in events:
+                if self._stop.is_set():
+                    break
+                version = self._apply(event)
+        except ApiError as e:
             if e.status == 410:
                 raise _Expired from e
             raise
-        for line in response:
-            if self._stop.is_set():
-                break
-            event = json.loads(line)
-            obj = event["object"]
-            if event["type"] == "ERROR":
-                if obj.get("code") == 410:
-                    raise _Expired
-                raise RuntimeError(obj.get("message", "watch error"))
-            version = obj["metadata"]["resourceVersion"]
-            if event["type"] == "BOOKMARK":
-                continue
-            name = obj["metadata"]["name"]
-            old = self.items.get(name)
-            new = None if event["type"] == "DELETED" else self._extract(obj)
-            if new is None:
-                self.items.pop(name, None)
-            else:
-                self.items[name] = new
-            if old != new:
-                self.on_change(old, new)
+        return version
+
+    def _apply(self, event: Mapping[str, Any]) -> str:
+        """One watch event into `items`; returns the resource version it brings."""
+        obj = event["object"]
+        if event["type"] == "ERROR":
+            if obj.get("code") == 410:
+                raise _Expired
+            raise RuntimeError(obj.get("message", "watch error"))
+        version = str(obj["metadata"]["resourceVersion"])
+        if event["type"] == "BOOKMARK":
+            return version
+        name = obj["metadata"]["name"]
+        old = self.items.get(name)
+        new = None if event["type"] == "DELETED" else self._extract(obj)
+        if new is None:
+            self.items.pop(name, None)
+        else:
+            self.items[name] = new
+        if old != new:
+            self.on_change(old, new)
         return version
 
 

@@ -1,0 +1,129 @@
+"""The node side's JSON client (vmthunder.kube.Rest) against the real API server: the
+credentials a kubeconfig or a pod gives, the verbs, the errors, a watch."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vmthunder.kube import ApiError, Credentials, Rest, core_path
+from vmthunder.lab.controlplane import ControlPlane
+
+pytestmark = pytest.mark.apiserver
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane) -> str:
+    ns = f"rest-{uuid.uuid4().hex[:8]}"
+    control_plane.rest().create(core_path("namespaces"), {"metadata": {"name": ns}})
+    return ns
+
+
+def test_objects_are_created_read_merge_patched_and_deleted(
+        control_plane: ControlPlane, namespace: str) -> None:
+    rest = control_plane.rest()
+    maps = core_path("configmaps", namespace=namespace)
+    rest.create(maps, {"metadata": {"name": "m"}, "data": {"a": "1", "b": "2"}})
+    rest.patch(f"{maps}/m", {"data": {"b": None, "c": "3"}})  # merge patch: null removes
+    assert rest.get(f"{maps}/m")["data"] == {"a": "1", "c": "3"}
+    assert [m["metadata"]["name"] for m in rest.get(maps, {"fieldSelector": "metadata.name=m"})[
+        "items"]] == ["m"]
+    rest.delete(f"{maps}/m")
+    with pytest.raises(ApiError) as gone:
+        rest.get(f"{maps}/m")
+    assert gone.value.status == 404 and not gone.value.transient
+    assert '"m" not found' in gone.value.reason
+
+
+def test_a_second_create_is_a_conflict(control_plane: ControlPlane, namespace: str) -> None:
+    rest = control_plane.rest()
+    maps = core_path("configmaps", namespace=namespace)
+    rest.create(maps, {"metadata": {"name": "twice"}})
+    with pytest.raises(ApiError) as e:
+        rest.create(maps, {"metadata": {"name": "twice"}})
+    assert e.value.status == 409
+
+
+def test_a_watch_streams_the_changes_and_ends_when_the_server_ends_it(
+        control_plane: ControlPlane, namespace: str) -> None:
+    rest = control_plane.rest()
+    maps = core_path("configmaps", namespace=namespace)
+    version = rest.get(maps)["metadata"]["resourceVersion"]
+    seen: list[tuple[str, str]] = []
+
+    def watch() -> None:
+        for event in rest.watch(maps, 3, {"resourceVersion": version}):
+            seen.append((event["type"], event["object"]["metadata"]["name"]))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    rest.create(maps, {"metadata": {"name": "w"}})
+    rest.patch(f"{maps}/w", {"data": {"k": "v"}})
+    rest.delete(f"{maps}/w")
+    watcher.join(15)
+    assert not watcher.is_alive(), "the watch did not end after its timeoutSeconds"
+    assert seen == [("ADDED", "w"), ("MODIFIED", "w"), ("DELETED", "w")]
+
+
+def _kubeconfig(path: Path, cluster: dict[str, Any], user: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": cluster}], "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
+    return path
+
+
+def test_a_kubeconfig_with_inline_ca_and_a_token_file_reaches_the_server(
+        control_plane: ControlPlane, tmp_path: Path) -> None:
+    (tmp_path / "token").write_text(control_plane.admin_token + "\n")
+    config = _kubeconfig(tmp_path / "config", {
+        "server": control_plane.url,
+        "certificate-authority-data": base64.b64encode(control_plane.ca_file.read_bytes()).decode(),
+    }, {"tokenFile": "token"})  # relative to the kubeconfig, as kubectl reads it
+    assert "gitVersion" in Rest(Credentials.from_kubeconfig(str(config))).get("/version")
+
+
+def test_a_wrong_token_is_refused_and_an_untrusted_server_is_unreachable(
+        control_plane: ControlPlane, tmp_path: Path) -> None:
+    config = _kubeconfig(tmp_path / "bad-token", {
+        "server": control_plane.url, "certificate-authority": str(control_plane.ca_file),
+    }, {"token": "not-a-token"})
+    with pytest.raises(ApiError) as refused:
+        Rest(Credentials.from_kubeconfig(str(config))).get(core_path("nodes"))
+    assert refused.value.status == 401
+
+    # No CA given: the system's roots do not sign the lab's server, so TLS fails (status 0).
+    config = _kubeconfig(tmp_path / "no-ca", {"server": control_plane.url},
+                         {"token": control_plane.admin_token})
+    with pytest.raises(ApiError) as untrusted:
+        Rest(Credentials.from_kubeconfig(str(config))).get("/version", timeout=5)
+    assert untrusted.value.status == 0 and untrusted.value.transient
+    assert "CERTIFICATE_VERIFY_FAILED" in str(untrusted.value)
+
+
+def test_a_pods_service_account_reaches_the_server(
+        control_plane: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    host_port = control_plane.url.removeprefix("https://")
+    host, port = host_port.rsplit(":", 1)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
+    assert Credentials.in_cluster(tmp_path) is None  # no token there: not in a pod
+    (tmp_path / "token").write_text(control_plane.admin_token)
+    (tmp_path / "ca.crt").write_bytes(control_plane.ca_file.read_bytes())
+    credentials = Credentials.in_cluster(tmp_path)
+    assert credentials is not None
+    assert "gitVersion" in Rest(credentials).get("/version")
+
+
+def test_a_kubeconfig_that_needs_a_credential_plugin_is_refused_with_why(
+        tmp_path: Path) -> None:
+    config = _kubeconfig(tmp_path / "exec", {"server": "https://127.0.0.1:1"},
+                         {"exec": {"command": "aws", "apiVersion": "v1"}})
+    with pytest.raises(ValueError, match="credential plugin"):
+        Credentials.from_kubeconfig(str(config))
