@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from waiting import wait_for
 
 from vmthunder.kube import ApiError, Credentials, Rest, core_path
 from vmthunder.lab.controlplane import ControlPlane
@@ -58,15 +59,17 @@ def test_a_watch_streams_the_changes_and_ends_when_the_server_ends_it(
     seen: list[tuple[str, str]] = []
 
     def watch() -> None:
-        for event in rest.watch(maps, 3, {"resourceVersion": version}):
+        for event in rest.watch(maps, 6, {"resourceVersion": version}):
             seen.append((event["type"], event["object"]["metadata"]["name"]))
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     rest.create(maps, {"metadata": {"name": "w"}})
+    wait_for("the event as it happens, not when the watch ends",
+             lambda: seen == [("ADDED", "w")], timeout=3)
     rest.patch(f"{maps}/w", {"data": {"k": "v"}})
     rest.delete(f"{maps}/w")
-    watcher.join(15)
+    watcher.join(20)
     assert not watcher.is_alive(), "the watch did not end after its timeoutSeconds"
     assert seen == [("ADDED", "w"), ("MODIFIED", "w"), ("DELETED", "w")]
 

@@ -20,7 +20,7 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import urllib3
 import yaml
@@ -217,9 +217,10 @@ class Rest:
         if body is not None:
             headers["Content-Type"] = content_type
         query = {k: _param(v) for k, v in (params or {}).items() if v not in (None, "")}
+        url = self.credentials.server + path + (f"?{urlencode(query)}" if query else "")
         try:
             response = self.pool.request(
-                method, self.credentials.server + path, fields=query or None,
+                method, url,
                 body=None if body is None else json.dumps(body).encode(), headers=headers,
                 preload_content=not stream, timeout=timeout)
         except urllib3.exceptions.HTTPError as e:

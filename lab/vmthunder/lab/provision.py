@@ -483,9 +483,10 @@ class Rig:
                 "/tmp/csi-node.log")
         if wait:
             # /proc/net/unix, not a Probe: a Python gRPC client costs a loaded TCG guest as
-            # much CPU to start as the plugin itself. (A listening stream socket.)
+            # much CPU to start as the plugin itself. A listening stream socket, whose path
+            # gRPC keeps as the URI had it (///run/...).
             self._wait_listening(g, "the CSI node plugin", "/tmp/csi-node.log", timeout,
-                                 f"' 00010000 0001 01 .* {CSI_SOCKET}$' /proc/net/unix")
+                                 f"'00010000 0001 01 .*{CSI_SOCKET}$' /proc/net/unix")
 
     def _wait_listening(self, g: Guest, what: str, log: str, timeout: float,
                         grep: str) -> None:
