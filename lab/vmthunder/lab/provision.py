@@ -59,9 +59,9 @@ CSI_SOCKET = "/run/csi/csi.sock"
 CSI_NODE_METRICS_PORT = 9818
 AGENT_METRICS_PORT = 9819
 REAL_BOOT_NBD_PORT = 10809
-# Every guest starts its agent and CSI node plugin at once, all on 2 emulated cores: at N = 8,
-# Python's imports over 9p under TCG take minutes.
-NODE_READY_TIMEOUT = 600
+# Every guest starts its agent and CSI node plugin at once, all on 2 emulated cores: at N = 16
+# the last was ready after 420 s (2026-12-07), so the imports alone take minutes.
+NODE_READY_TIMEOUT = 900
 
 
 class ProvisionError(RuntimeError):
