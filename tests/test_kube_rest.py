@@ -4,6 +4,8 @@ credentials a kubeconfig or a pod gives, the verbs, the errors, a watch."""
 from __future__ import annotations
 
 import base64
+import subprocess
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -130,3 +132,37 @@ def test_a_kubeconfig_that_needs_a_credential_plugin_is_refused_with_why(
                          {"exec": {"command": "aws", "apiVersion": "v1"}})
     with pytest.raises(ValueError, match="credential plugin"):
         Credentials.from_kubeconfig(str(config))
+
+
+def test_a_watch_left_early_leaves_its_connection_clean_for_the_next_request(
+        control_plane: ControlPlane, namespace: str) -> None:
+    rest = Rest(Credentials.from_kubeconfig(str(control_plane.kubeconfig)), pool_size=1)
+    maps = core_path("configmaps", namespace=namespace)
+    rest.create(maps, {"metadata": {"name": "a"}})
+    events = rest.watch(maps, 60)  # no resourceVersion: first the objects as they are
+    assert next(events)["object"]["metadata"]["name"] == "a"
+    events.close()  # as wait_replica does once its condition holds
+    assert rest.get(f"{maps}/a", timeout=5)["metadata"]["name"] == "a"
+    rest.create(maps, {"metadata": {"name": "b"}})
+    assert len(rest.get(maps)["items"]) == 2
+
+
+def test_a_client_certificate_inline_in_the_kubeconfig_authenticates(
+        control_plane: ControlPlane, tmp_path: Path) -> None:
+    pki = control_plane.ca_file.parent
+    key, csr, crt = tmp_path / "u.key", tmp_path / "u.csr", tmp_path / "u.crt"
+    subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(csr), "-subj", "/O=system:masters/CN=rest-test"],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(pki / "ca.crt"),
+                    "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "1",
+                    "-out", str(crt)], check=True, capture_output=True)
+    b64 = lambda p: base64.b64encode(p.read_bytes()).decode()  # noqa: E731
+    config = _kubeconfig(tmp_path / "cert", {
+        "server": control_plane.url, "certificate-authority": str(control_plane.ca_file),
+    }, {"client-certificate-data": b64(crt), "client-key-data": b64(key)})
+    before = set(Path(tempfile.gettempdir()).glob("vmthunder-kube-*"))
+    nodes = Rest(Credentials.from_kubeconfig(str(config))).get(core_path("nodes"))
+    assert nodes["kind"] == "NodeList"
+    assert set(Path(tempfile.gettempdir()).glob("vmthunder-kube-*")) == before, \
+        "the key was left on disk"

@@ -19,6 +19,7 @@ from vmthunder.node.agent import (
     PROGRESS_SECONDS,
     REINSTATE_BACKOFF_MAX,
     RESYNC_SECONDS,
+    ROUND_STUCK_SECONDS,
     Agent,
     Converged,
     Report,
@@ -31,6 +32,7 @@ from vmthunder.node.agent import (
     plan_full_round,
     plan_held_paths,
     plan_phase,
+    plan_pulse,
     plan_reinstated,
     plan_removals,
     plan_status,
@@ -577,3 +579,34 @@ def test_the_bytes_from_the_parent_are_counted_before_a_detach_removes_their_cou
     agent_round(monkeypatch, kube, kernel=NoKernel(A),
                 counters=(stack.Counters(805, 7), stack.Counters(0, 9)))
     assert (kube.written[-1]["bytesFromParent"], kube.written[-1]["bytesServed"]) == (805, 9)
+
+
+def test_the_pulse_beats_for_a_long_round_but_not_for_a_stuck_one() -> None:
+    hb = HEARTBEAT_SECONDS
+    assert not plan_pulse(None, 0.0, 1000.0)  # between rounds the rounds beat themselves
+    assert not plan_pulse(100.0, 0.0, 100.0 + hb - 1)  # a short round writes its own status
+    assert plan_pulse(100.0, 0.0, 100.0 + hb)  # an attach of a minute under load
+    assert not plan_pulse(100.0, 100.0 + hb, 100.0 + 1.5 * hb)  # beat a moment ago
+    assert plan_pulse(100.0, 100.0 + hb, 100.0 + 2 * hb)
+    assert not plan_pulse(100.0, 0.0, 100.0 + ROUND_STUCK_SECONDS)  # stuck: let it go stale
+
+
+def test_a_beat_writes_only_the_heartbeat_of_the_nodes_reported_live_replicas() -> None:
+    class NodeKube(TreeKube):
+        def __init__(self) -> None:
+            super().__init__({})
+            self.patched: list[tuple[str, dict[str, Any]]] = []
+
+        def replicas(self, labels: object) -> list[dict[str, Any]]:
+            return [{"metadata": {"name": "a.n"}, "status": {"phase": "Attaching"}},
+                    {"metadata": {"name": "b.n"}},  # not reported yet: the round writes first
+                    {"metadata": {"name": "c.n", "deletionTimestamp": "2026-12-07T00:00:00Z"},
+                     "status": {"phase": "Hydrated"}}]
+
+        def patch_status(self, name: str, status: dict[str, Any]) -> None:
+            self.patched.append((name, status))
+
+    kube = NodeKube()
+    Agent("n", kube, None, None, "10.0.0.1",  # type: ignore[arg-type]
+          initiator="iqn.x:n").beat()
+    assert [(name, list(status)) for name, status in kube.patched] == [("a.n", ["heartbeat"])]

@@ -70,14 +70,15 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Credentials:
-    """Where the API server is and how to prove who we are (one kubeconfig context's worth)."""
+    """Where the API server is and how to prove who we are (one kubeconfig context's worth).
+    Certificates come as PEM bytes or as files."""
 
     server: str
-    ca_file: str | None = None
+    ca: bytes | str | None = None
     token: str | None = None
     token_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    cert: bytes | str | None = None
+    key: bytes | str | None = None
     insecure: bool = False
 
     @staticmethod
@@ -89,7 +90,7 @@ class Credentials:
         if not host or not port or not (account / "token").exists():
             return None
         host = f"[{host}]" if ":" in host else host
-        return Credentials(f"https://{host}:{port}", ca_file=str(account / "ca.crt"),
+        return Credentials(f"https://{host}:{port}", ca=str(account / "ca.crt"),
                            token_file=str(account / "token"))
 
     @staticmethod
@@ -113,19 +114,19 @@ class Credentials:
             raise ValueError(f"{path}: user {context['user']!r} needs a credential plugin; "
                              "give it a token or a client certificate")
 
-        def file_of(key: str, owner: Obj) -> str | None:
-            if owner.get(f"{key}-data"):  # inline, base64: urllib3 and ssl want a file
-                return _temp_file(base64.b64decode(owner[f"{key}-data"]))
+        def pem(key: str, owner: Obj) -> bytes | str | None:
+            if owner.get(f"{key}-data"):  # inline, base64
+                return base64.b64decode(owner[f"{key}-data"])
             if owner.get(key):
                 return str(base / owner[key])  # relative to the kubeconfig, as kubectl reads it
             return None
 
         return Credentials(
             server=str(cluster["server"]).rstrip("/"),
-            ca_file=file_of("certificate-authority", cluster),
+            ca=pem("certificate-authority", cluster),
             token=user.get("token"),
             token_file=str(base / user["tokenFile"]) if user.get("tokenFile") else None,
-            cert_file=file_of("client-certificate", user), key_file=file_of("client-key", user),
+            cert=pem("client-certificate", user), key=pem("client-key", user),
             insecure=bool(cluster.get("insecure-skip-tls-verify")))
 
     @staticmethod
@@ -134,10 +135,28 @@ class Credentials:
         return Credentials.in_cluster() or Credentials.from_kubeconfig()
 
 
-def _temp_file(data: bytes) -> str:
-    with tempfile.NamedTemporaryFile(prefix="vmthunder-kube-", delete=False) as f:
-        f.write(data)
-    return f.name
+def _tls_context(c: Credentials) -> ssl.SSLContext:
+    if isinstance(c.ca, bytes):
+        context = ssl.create_default_context(cadata=c.ca.decode())
+    else:
+        context = ssl.create_default_context(cafile=c.ca)
+    if c.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if c.cert is not None:
+        with tempfile.TemporaryDirectory(prefix="vmthunder-kube-") as tmp:
+            # ssl reads a certificate and its key only from files: these live until loaded
+            cert = _as_file(c.cert, Path(tmp) / "crt")
+            key = None if c.key is None else _as_file(c.key, Path(tmp) / "key")
+            context.load_cert_chain(cert, key)
+    return context
+
+
+def _as_file(pem: bytes | str, path: Path) -> str:
+    if isinstance(pem, bytes):
+        path.write_bytes(pem)
+        return str(path)
+    return pem
 
 
 class Rest:
@@ -146,15 +165,13 @@ class Rest:
 
     def __init__(self, credentials: Credentials, pool_size: int = 4) -> None:
         self.credentials = credentials
-        context = ssl.create_default_context(cafile=credentials.ca_file)
-        if credentials.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if credentials.cert_file:
-            context.load_cert_chain(credentials.cert_file, credentials.key_file)
-        self.pool = urllib3.PoolManager(maxsize=pool_size, ssl_context=context,
-                                        retries=False)
-        self._token: tuple[float, str | None] = (-TOKEN_TTL_SECONDS, None)
+        # Retries only of a connection that could not be made: a request that reached the
+        # server is never sent twice (a create, a patch); the callers retry what failed.
+        self.pool = urllib3.PoolManager(
+            maxsize=pool_size, ssl_context=_tls_context(credentials),
+            retries=urllib3.Retry(total=2, connect=2, read=0, status=0, other=0,
+                                  redirect=False))
+        self._token: tuple[float, str] | None = None
 
     @classmethod
     def from_environment(cls, pool_size: int = 4) -> Rest:
@@ -180,21 +197,32 @@ class Rest:
     def watch(self, path: str, timeout_seconds: int, params: Mapping[str, Any] | None = None
               ) -> Generator[Obj, None, None]:
         """The watch events ({"type", "object"}) of a collection until the server ends the
-        watch, after at most `timeout_seconds`."""
+        watch, after at most `timeout_seconds`. An ERROR event raises ApiError with its code
+        (410: the resource version is too old to watch from)."""
         query = {**(params or {}), "watch": True, "timeoutSeconds": timeout_seconds}
         response = self._request("GET", path, query, stream=True,
                                  timeout=urllib3.Timeout(connect=10, read=timeout_seconds + 30))
+        ended = False
         try:
             pending = b""
             for chunk in response.stream(64 << 10):
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    if line.strip():
-                        yield json.loads(line)
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object") or {}
+                        raise ApiError(int(status.get("code") or 0),
+                                       str(status.get("message") or "watch error"))
+                    yield event
+            ended = True
         except urllib3.exceptions.HTTPError as e:  # the connection broke mid-watch
             raise ApiError(0, f"watch of {path}: {e}") from e
         finally:
+            if not ended:  # left early: the rest of the stream must not reach the next request
+                response.close()
             response.release_conn()
 
     # --- the wire ---
@@ -238,11 +266,9 @@ class Rest:
         c = self.credentials
         if not c.token_file:
             return c.token
-        read_at, token = self._token
-        if time.monotonic() - read_at > TOKEN_TTL_SECONDS:
-            token = Path(c.token_file).read_text().strip()
-            self._token = (time.monotonic(), token)
-        return token
+        if self._token is None or time.monotonic() - self._token[0] > TOKEN_TTL_SECONDS:
+            self._token = (time.monotonic(), Path(c.token_file).read_text().strip())
+        return self._token[1]
 
 
 def _param(value: Any) -> str:

@@ -236,7 +236,7 @@ class KubeState:
                 for event in events:
                     obj = event.get("object")
                     if not isinstance(obj, dict) or obj.get("kind") != "ImageReplica":
-                        continue  # a watch error (its Status): the loop below looks again
+                        continue  # not the replica (an error raises ApiError: see below)
                     status = (None if event["type"] == "DELETED"
                               else dict(obj.get("status") or {}))
                     if until(status):

@@ -24,6 +24,7 @@ the volumes, at the first full round (at most RESYNC_SECONDS apart) that finds r
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -55,6 +56,8 @@ DEFAULT_IDLE_SECONDS = 2.0  # the CRD's default for spec.hydration.idleSeconds
 DEFAULT_HOLD_SECONDS = 60.0  # the CRD's default for spec.prefetch.holdSeconds
 RESYNC_SECONDS = 30.0  # a converged image's whole stack is re-read at least this often
 HEARTBEAT_SECONDS = 15.0  # an unchanged status is rewritten this often (stale after 60 s)
+ROUND_STUCK_SECONDS = 300.0  # a round running longer no longer vouches for the node (plan_pulse)
+PULSE_CHECK_SECONDS = 5.0
 PROGRESS_SECONDS = 5.0  # progress alone is written at most this often (see plan_status_write)
 PROGRESS_FIELDS = frozenset({"hydratedRegions", "hydratedInOrder", "bytesFromParent",
                              "bytesServed"})
@@ -338,6 +341,19 @@ def plan_full_round(last: Converged | None, want: stack.Want, cache: CacheState,
             or now - last.at >= RESYNC_SECONDS)
 
 
+def plan_pulse(round_started: float | None, last_beat: float, now: float) -> bool:
+    """Whether the pulse writes this node's heartbeats now (monotonic seconds). The rounds
+    write them as a rule, but under load a round takes minutes (an attach of 60 s, then the
+    export), and a node whose heartbeat is stale has its children moved off it, to be moved
+    back once it reports: at N = 16 the tree never settled. So while a round runs long the
+    pulse beats for it, unless the round looks stuck: then the node is left to go stale."""
+    if round_started is None:
+        return False  # between rounds: the rounds beat themselves
+    busy = now - round_started
+    return (HEARTBEAT_SECONDS <= busy < ROUND_STUCK_SECONDS
+            and now - last_beat >= HEARTBEAT_SECONDS)
+
+
 def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
                       now: datetime) -> bool:
     """A changed status is written at once, but progress alone (counters moving while the
@@ -398,10 +414,37 @@ class Agent:
         self.reinstated: dict[str, Reinstated] = {}
         self.wanted: set[str] | None = None  # the images of the last sweep for removals
         self.swept_at = 0.0
+        self.round_started: float | None = None  # monotonic, while a round runs (plan_pulse)
 
     def round(self) -> None:
-        with metrics.ROUND_SECONDS.time():
-            self._round()
+        self.round_started = time.monotonic()
+        try:
+            with metrics.ROUND_SECONDS.time():
+                self._round()
+        finally:
+            self.round_started = None
+
+    def beat(self) -> None:
+        """Writes only the heartbeat of this node's replicas that have a status: the pulse's
+        write while a round runs long (plan_pulse). Never raises: the next beat tries again."""
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for r in self.kube.replicas({LABEL_NODE: self.node}):
+            if not r.get("status") or r["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                self.kube.patch_status(r["metadata"]["name"], {"heartbeat": stamp})
+            except Exception as e:  # gone meanwhile, or the API server away
+                log.warning("heartbeat of %s: %s", r["metadata"]["name"], e)
+
+    def pulse(self) -> None:
+        """Runs for ever beside the rounds (a daemon thread): see plan_pulse."""
+        last = time.monotonic()
+        while True:
+            time.sleep(PULSE_CHECK_SECONDS)
+            now = time.monotonic()
+            if plan_pulse(self.round_started, last, now):
+                self.beat()
+                last = now
 
     def _round(self) -> None:
         mine = self.kube.replicas({LABEL_NODE: self.node})
@@ -703,6 +746,7 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
     if metrics_port:
         metrics.register(lambda: dict(agent.statuses))
         start_http_server(metrics_port)
+    threading.Thread(target=agent.pulse, name="pulse", daemon=True).start()
     while True:
         t0 = time.monotonic()
         kube.wake.clear()  # before the round: news that comes during it makes another

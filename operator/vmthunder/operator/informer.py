@@ -107,10 +107,6 @@ class Informer(Generic[T]):
     def _apply(self, event: Mapping[str, Any]) -> str:
         """One watch event into `items`; returns the resource version it brings."""
         obj = event["object"]
-        if event["type"] == "ERROR":
-            if obj.get("code") == 410:
-                raise _Expired
-            raise RuntimeError(obj.get("message", "watch error"))
         version = str(obj["metadata"]["resourceVersion"])
         if event["type"] == "BOOKMARK":
             return version
