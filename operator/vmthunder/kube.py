@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 Obj = dict[str, Any]
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # the API's RFC 3339 timestamps, to the second, in UTC
 IN_CLUSTER = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_TTL_SECONDS = 60.0  # a projected ServiceAccount token is rotated in place; reread it
 
@@ -183,6 +184,15 @@ class Rest:
             timeout: float = 30) -> Obj:
         """An object or a list; `params` is the query (labelSelector, limit, ...)."""
         return self._json("GET", path, params, timeout=timeout)
+
+    def find(self, path: str) -> Obj | None:
+        """The object, or None if there is none (404)."""
+        try:
+            return self.get(path)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
 
     def create(self, path: str, body: Mapping[str, Any]) -> Obj:
         return self._json("POST", path, body=body)

@@ -259,12 +259,8 @@ class KubeState:
     def node(self, name: str) -> NodeInfo | None:
         if not is_object_name(name):
             return None
-        try:
-            return _node_info(self.rest.get(core_path("nodes", name)))
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        node = self.rest.find(core_path("nodes", name))
+        return None if node is None else _node_info(node)
 
     def nodes(self) -> dict[str, NodeInfo]:
         infos = (_node_info(n) for n in self.rest.get(core_path("nodes")).get("items", []))
@@ -275,12 +271,7 @@ class KubeState:
         id or parameter is no API path: "." would read the whole list)."""
         if not is_object_name(name):
             return None
-        try:
-            return self.rest.get(_path(plural, name))
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        return self.rest.find(_path(plural, name))
 
 
 def _node_info(node: Obj) -> NodeInfo:

@@ -33,6 +33,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
+from vmthunder.kube import TIME_FORMAT
 from vmthunder.node import blockdev, dm, iscsi, lio, metrics, names, stack
 from vmthunder.node import transport as transports
 from vmthunder.node.api import Kube, WatchedKube
@@ -172,7 +173,7 @@ def plan_failure_status(previous: Mapping[str, Any], error: str, initiator: str,
     conditions.append(initiator_condition(initiator))
     lost_at = previous.get("parentLostAt") if previous.get("attachedParent") == parent else None
     return {**previous, "phase": "Failed", "message": error[:4000], "parentLostAt": lost_at,
-            "heartbeat": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "conditions": conditions}
+            "heartbeat": now.strftime(TIME_FORMAT), "conditions": conditions}
 
 
 def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[str, Any]:
@@ -180,7 +181,7 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
     with -src at detach, the status keeps the last value."""
     prev_from = int(previous.get("bytesFromParent", 0))
     prev_served = int(previous.get("bytesServed", 0))
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = now.strftime(TIME_FORMAT)
     conditions = [c for c in previous.get("conditions") or []
                   if c.get("type") not in (INITIATOR_CONDITION, "Ready", CACHE_CONDITION)]
     conditions.append(initiator_condition(r.initiator))
@@ -212,7 +213,7 @@ def plan_status(r: Report, previous: Mapping[str, Any], now: datetime) -> dict[s
         # them, would wait here, and their agents with them.
         "exportInitiators": (list(r.admitted) if r.attached_parent or r.cache.kind == "detached"
                              else []),
-        "holdUntil": r.hold_until.strftime("%Y-%m-%dT%H:%M:%SZ") if r.hold_until else None,
+        "holdUntil": r.hold_until.strftime(TIME_FORMAT) if r.hold_until else None,
         "attachedParent": r.attached_parent,
         "heartbeat": stamp,
         "message": r.message[:4000],
@@ -369,7 +370,7 @@ def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
     if changed - PROGRESS_FIELDS or (status.get("phase") == "Prefetching" and changed):
         return True
     try:
-        beat = datetime.strptime(str(previous.get("heartbeat")), "%Y-%m-%dT%H:%M:%SZ")
+        beat = datetime.strptime(str(previous.get("heartbeat")), TIME_FORMAT)
     except ValueError:
         return True
     age = (now - beat.replace(tzinfo=UTC)).total_seconds()
@@ -427,7 +428,7 @@ class Agent:
     def beat(self) -> None:
         """Writes only the heartbeat of this node's replicas that have a status: the pulse's
         write while a round runs long (plan_pulse). Never raises: the next beat tries again."""
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = datetime.now(UTC).strftime(TIME_FORMAT)
         for r in self.kube.replicas({LABEL_NODE: self.node}):
             if not r.get("status") or r["metadata"].get("deletionTimestamp"):
                 continue

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from vmthunder.kube import ApiError, Rest, core_path, custom_path
+from vmthunder.kube import TIME_FORMAT, Rest, core_path, custom_path
 from vmthunder.node.iscsi import Chap
 from vmthunder.operator.informer import Informer
 from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, LABEL_NODE, VERSION
@@ -35,12 +35,7 @@ class Kube:
         self.rest = rest
 
     def _get(self, plural: str, name: str) -> Obj | None:
-        try:
-            return self.rest.get(custom_path(GROUP, VERSION, plural, name))
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        return self.rest.find(custom_path(GROUP, VERSION, plural, name))
 
     def replicas(self, labels: Mapping[str, str]) -> list[Obj]:
         """The replicas carrying all of `labels`."""
@@ -76,7 +71,7 @@ class Kube:
     def event(self, replica: Mapping[str, Any], kind: str, reason: str, message: str,
               source: str) -> None:
         meta = replica["metadata"]
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = datetime.now(UTC).strftime(TIME_FORMAT)
         self.rest.create(core_path("events", namespace=EVENTS_NAMESPACE), {
             "metadata": {"generateName": f"{meta['name']}."},
             "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageReplica",
