@@ -62,6 +62,9 @@ REAL_BOOT_NBD_PORT = 10809
 # Every guest starts its agent and CSI node plugin at once, all on 2 emulated cores: at N = 16
 # the last was ready after 420 s (2026-12-07), so the imports alone take minutes.
 NODE_READY_TIMEOUT = 900
+# Unstaging a node's volumes and its agent's teardown of an image: 180 s per 8 nodes (at N = 16
+# one node's unstage took longer than 180 s: every guest runs it at once on the same 2 cores).
+TEARDOWN_TIMEOUT_PER_8_NODES = 180.0
 
 
 class ProvisionError(RuntimeError):
@@ -813,6 +816,8 @@ class Rig:
         from vmthunder.csi.client import connect
         from vmthunder.csi.proto import csi_pb2
 
+        timeout = TEARDOWN_TIMEOUT_PER_8_NODES * max(1.0, self.options.nodes / 8)
+
         def unstage(g: Guest) -> None:
             script = (
                 "import glob, os\nfrom vmthunder.csi.client import connect\n"
@@ -828,7 +833,7 @@ class Rig:
                 "volume_id=vid, staging_target_path=st), timeout=60)\n")
             tag = f"vmt-unstage-{image}"
             run_quick(g, f"cat > /tmp/{tag}.py <<'EOF'\n{script}EOF")
-            run_detached(g, f"{guest_env()} {guest_python()} /tmp/{tag}.py", tag, 180)
+            run_detached(g, f"{guest_env()} {guest_python()} /tmp/{tag}.py", tag, timeout)
 
         in_parallel(unstage, self.lab.nodes)
         c = connect(f"unix://{self.controller_socket}")
@@ -841,7 +846,7 @@ class Rig:
         self.custom().delete_cluster_custom_object(GROUP, VERSION, "imagecaches", image)
 
         def gone(g: Guest) -> None:
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + timeout
             while left := run_quick(g, f"dmsetup ls | grep 'vmt-{image}' || true").strip():
                 if time.monotonic() > deadline:
                     raise ProvisionError(
