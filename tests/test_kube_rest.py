@@ -15,7 +15,7 @@ import pytest
 import yaml
 from waiting import wait_for
 
-from vmthunder.kube import ApiError, Credentials, Rest, core_path
+from vmthunder.kube import ApiError, Credentials, Rest, core_path, load_api_client
 from vmthunder.lab.controlplane import ControlPlane
 
 pytestmark = pytest.mark.apiserver
@@ -132,6 +132,30 @@ def test_a_kubeconfig_that_needs_a_credential_plugin_is_refused_with_why(
                          {"exec": {"command": "aws", "apiVersion": "v1"}})
     with pytest.raises(ValueError, match="credential plugin"):
         Credentials.from_kubeconfig(str(config))
+
+
+def test_the_operators_login_through_an_exec_plugin_serves_its_watches_too(
+        control_plane: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator run outside the cluster with a kubeconfig needing a credential plugin: its
+    informers take the official client's login, renewed when the token expires."""
+    runs = tmp_path / "runs"
+    plugin = tmp_path / "plugin"
+    plugin.write_text(  # a token that has already expired: asked for again at every request
+        f"#!/bin/sh\necho run >> {runs}\n"
+        'echo \'{"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", '
+        f'"status": {{"token": "{control_plane.admin_token}", '
+        '"expirationTimestamp": "2000-01-01T00:00:00Z"}}\'\n')
+    plugin.chmod(0o755)
+    config = _kubeconfig(tmp_path / "exec", {
+        "server": control_plane.url, "certificate-authority": str(control_plane.ca_file),
+    }, {"exec": {"command": str(plugin), "apiVersion": "client.authentication.k8s.io/v1",
+                 "interactiveMode": "Never"}})
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    rest = Rest(Credentials.from_configuration(load_api_client().configuration))
+    assert rest.get(core_path("nodes"))["kind"] == "NodeList"
+    before = len(runs.read_text().splitlines())
+    assert rest.get("/version")["gitVersion"]
+    assert len(runs.read_text().splitlines()) > before, "the expired token was not renewed"
 
 
 def test_a_watch_left_early_leaves_its_connection_clean_for_the_next_request(

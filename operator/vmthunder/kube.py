@@ -16,7 +16,7 @@ import os
 import ssl
 import tempfile
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +81,9 @@ class Credentials:
     cert: bytes | str | None = None
     key: bytes | str | None = None
     insecure: bool = False
+    # Asked for the token at every request instead of `token`, e.g. the official client's
+    # exec plugin, which renews it before it expires.
+    token_source: Callable[[], str | None] | None = None
 
     @staticmethod
     def in_cluster(account: Path = IN_CLUSTER) -> Credentials | None:
@@ -129,6 +132,19 @@ class Credentials:
             token_file=str(base / user["tokenFile"]) if user.get("tokenFile") else None,
             cert=pem("client-certificate", user), key=pem("client-key", user),
             insecure=bool(cluster.get("insecure-skip-tls-verify")))
+
+    @staticmethod
+    def from_configuration(c: kubernetes.client.Configuration) -> Credentials:
+        """What the official client was configured with, whatever the kubeconfig needed to
+        get it (an exec or auth-provider plugin's token included): the operator's."""
+
+        def token() -> str | None:
+            # Renews an expiring token; the value is the header's: "Bearer <token>".
+            header = c.get_api_key_with_prefix("BearerToken", alias="authorization")
+            return header.split(" ", 1)[-1] if header else None
+
+        return Credentials(server=c.host.rstrip("/"), ca=c.ssl_ca_cert, cert=c.cert_file,
+                           key=c.key_file, insecure=not c.verify_ssl, token_source=token)
 
     @staticmethod
     def from_environment() -> Credentials:
@@ -274,6 +290,8 @@ class Rest:
 
     def _bearer(self) -> str | None:
         c = self.credentials
+        if c.token_source is not None:
+            return c.token_source()
         if not c.token_file:
             return c.token
         if self._token is None or time.monotonic() - self._token[0] > TOKEN_TTL_SECONDS:
