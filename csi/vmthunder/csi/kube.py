@@ -11,17 +11,16 @@ from typing import Any
 from vmthunder.csi.names import (
     API_VERSION,
     FINALIZER_COW_DATA,
-    GROUP,
     IMAGE_CACHES,
     IMAGE_REPLICAS,
     IMAGE_VOLUMES,
     LABEL_IMAGE_CACHE,
     LABEL_NODE,
-    VERSION,
     is_object_name,
     replica_name,
+    resource_path,
 )
-from vmthunder.kube import ApiError, Obj, Rest, core_path, custom_path
+from vmthunder.kube import ApiError, Obj, Rest, core_path
 
 
 def phase_of(status: Mapping[str, Any] | None) -> str | None:
@@ -96,10 +95,6 @@ class NodeInfo:
     ready: bool
 
 
-def _path(plural: str, name: str | None = None, subresource: str | None = None) -> str:
-    return custom_path(GROUP, VERSION, plural, name, subresource)
-
-
 class KubeState:
     """Typed reads and writes of the driver's objects. Not found reads return None."""
 
@@ -124,7 +119,7 @@ class KubeState:
     def create_volume(self, volume: Volume) -> bool:
         """Creates the ImageVolume; False if one of that name exists already."""
         try:
-            self.rest.create(_path(IMAGE_VOLUMES), volume.to_object())
+            self.rest.create(resource_path(IMAGE_VOLUMES), volume.to_object())
         except ApiError as e:
             if e.status == 409:
                 return False
@@ -133,12 +128,12 @@ class KubeState:
 
     def list_volumes(self, node: str | None = None) -> list[Volume]:
         selector = f"{LABEL_NODE}={node}" if node else ""
-        result = self.rest.get(_path(IMAGE_VOLUMES), {"labelSelector": selector})
+        result = self.rest.get(resource_path(IMAGE_VOLUMES), {"labelSelector": selector})
         return [Volume.from_object(obj) for obj in result.get("items", [])]
 
     def watch_volumes(self, node: str, timeout_seconds: int) -> Iterator[tuple[str, Volume]]:
         """(event type, volume) for the node's ImageVolumes until the server ends the watch."""
-        for event in self.rest.watch(_path(IMAGE_VOLUMES), timeout_seconds,
+        for event in self.rest.watch(resource_path(IMAGE_VOLUMES), timeout_seconds,
                                      {"labelSelector": f"{LABEL_NODE}={node}"}):
             obj = event.get("object")
             if isinstance(obj, dict) and obj.get("kind") == "ImageVolume":
@@ -148,19 +143,19 @@ class KubeState:
         if not is_object_name(volume_id):
             return  # no such object can exist (and "." would name the collection)
         try:
-            self.rest.delete(_path(IMAGE_VOLUMES, volume_id))
+            self.rest.delete(resource_path(IMAGE_VOLUMES, volume_id))
         except ApiError as e:
             if e.status != 404:
                 raise
 
     def set_capacity(self, volume_id: str, capacity_bytes: int) -> None:
-        self.rest.patch(_path(IMAGE_VOLUMES, volume_id),
+        self.rest.patch(resource_path(IMAGE_VOLUMES, volume_id),
                         {"spec": {"capacityBytes": capacity_bytes}})
 
     def set_phase(self, volume_id: str, phase: str, message: str = "") -> None:
         """Best effort: the phase is for humans (kubectl get iv), nothing decides on it."""
         try:
-            self.rest.patch(_path(IMAGE_VOLUMES, volume_id, "status"),
+            self.rest.patch(resource_path(IMAGE_VOLUMES, volume_id, "status"),
                             {"status": {"phase": phase, "message": message}})
         except ApiError as e:
             if e.status != 404:
@@ -186,7 +181,7 @@ class KubeState:
             patch = {"metadata": {"finalizers": wanted,
                                   "resourceVersion": obj["metadata"]["resourceVersion"]}}
             try:
-                self.rest.patch(_path(IMAGE_VOLUMES, volume_id), patch)
+                self.rest.patch(resource_path(IMAGE_VOLUMES, volume_id), patch)
                 return
             except ApiError as e:
                 if e.status == 404:
@@ -230,7 +225,7 @@ class KubeState:
             if left <= 0 or not is_object_name(name):
                 return False, status
             events = self.rest.watch(  # with no resourceVersion: first the object as it is
-                _path(IMAGE_REPLICAS), max(1, int(min(left, recheck or left))),
+                resource_path(IMAGE_REPLICAS), max(1, int(min(left, recheck or left))),
                 {"fieldSelector": f"metadata.name={name}"})
             try:
                 for event in events:
@@ -249,7 +244,7 @@ class KubeState:
 
     def replica_phases(self, image_cache: str) -> dict[str, str]:
         """node -> phase for every replica of the image."""
-        result = self.rest.get(_path(IMAGE_REPLICAS),
+        result = self.rest.get(resource_path(IMAGE_REPLICAS),
                                {"labelSelector": f"{LABEL_IMAGE_CACHE}={image_cache}"})
         return {
             str(obj["spec"]["node"]): str((obj.get("status") or {}).get("phase", "Pending"))
@@ -271,7 +266,7 @@ class KubeState:
         id or parameter is no API path: "." would read the whole list)."""
         if not is_object_name(name):
             return None
-        return self.rest.find(_path(plural, name))
+        return self.rest.find(resource_path(plural, name))
 
 
 def _node_info(node: Obj) -> NodeInfo:

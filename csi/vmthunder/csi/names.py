@@ -22,12 +22,13 @@ from vmthunder.operator.model import (
     VERSION,
     ready_for_vms,
     replica_name,
+    resource_path,
 )
 
 __all__ = [
     "API_VERSION", "ATTACHED_REPLICA_PHASES", "GROUP", "IMAGE_CACHES", "IMAGE_REPLICAS",
     "IMAGE_VOLUMES", "LABEL_IMAGE_CACHE", "LABEL_NODE", "USABLE_REPLICA_PHASES", "VERSION",
-    "image_device_name", "ready_for_vms", "replica_name", "volume_device_name",
+    "image_device_name", "ready_for_vms", "replica_name", "resource_path", "volume_device_name",
 ]
 
 DRIVER_NAME: Final = "csi.vmthunder.io"

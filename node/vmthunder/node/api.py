@@ -16,10 +16,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from vmthunder.kube import TIME_FORMAT, Rest, core_path, custom_path
+from vmthunder.kube import TIME_FORMAT, Rest, core_path
 from vmthunder.node.iscsi import Chap
 from vmthunder.operator.informer import Informer
-from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, LABEL_NODE, VERSION
+from vmthunder.operator.model import (
+    API_VERSION,
+    IMAGE_CACHES,
+    IMAGE_REPLICAS,
+    LABEL_NODE,
+    resource_path,
+)
 from vmthunder.operator.reconcile import selects
 
 EVENTS_NAMESPACE = "default"  # where Events about cluster-scoped ImageReplicas live
@@ -35,12 +41,12 @@ class Kube:
         self.rest = rest
 
     def _get(self, plural: str, name: str) -> Obj | None:
-        return self.rest.find(custom_path(GROUP, VERSION, plural, name))
+        return self.rest.find(resource_path(plural, name))
 
     def replicas(self, labels: Mapping[str, str]) -> list[Obj]:
         """The replicas carrying all of `labels`."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        res = self.rest.get(custom_path(GROUP, VERSION, IMAGE_REPLICAS),
+        res = self.rest.get(resource_path(IMAGE_REPLICAS),
                             {"labelSelector": selector})
         return list(res.get("items", []))
 
@@ -65,7 +71,7 @@ class Kube:
         return str((cm.get("data") or {}).get("profile", "")) or None
 
     def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
-        self.rest.patch(custom_path(GROUP, VERSION, IMAGE_REPLICAS, name, "status"),
+        self.rest.patch(resource_path(IMAGE_REPLICAS, name, "status"),
                         {"status": dict(status)})
 
     def event(self, replica: Mapping[str, Any], kind: str, reason: str, message: str,
@@ -74,7 +80,7 @@ class Kube:
         stamp = datetime.now(UTC).strftime(TIME_FORMAT)
         self.rest.create(core_path("events", namespace=EVENTS_NAMESPACE), {
             "metadata": {"generateName": f"{meta['name']}."},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageReplica",
+            "involvedObject": {"apiVersion": API_VERSION, "kind": "ImageReplica",
                                "name": meta["name"], "uid": meta.get("uid")},
             "type": kind, "reason": reason, "message": message[:1000],
             "source": {"component": "vmthunder-agent", "host": source},
@@ -119,9 +125,9 @@ class WatchedKube(Kube):
         self.wake = threading.Event()
         self._mine: dict[str, Obj] = {}  # this node's replicas, for `concerns` (few)
         self._secrets: dict[tuple[str, str], tuple[float, Chap | None]] = {}
-        self._replicas = Informer[Obj](rest, custom_path(GROUP, VERSION, IMAGE_REPLICAS),
+        self._replicas = Informer[Obj](rest, resource_path(IMAGE_REPLICAS),
                                        dict, self._replica_changed)
-        self._caches = Informer[Obj](rest, custom_path(GROUP, VERSION, IMAGE_CACHES),
+        self._caches = Informer[Obj](rest, resource_path(IMAGE_CACHES),
                                      dict, lambda old, new: self.wake.set())
 
     def start(self) -> WatchedKube:

@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from vmthunder.kube import Credentials, Rest, core_path, custom_path
+from vmthunder.kube import Credentials, Rest, core_path
 from vmthunder.operator.informer import Informer
 from vmthunder.operator.model import (
     GROUP,
@@ -32,6 +32,7 @@ from vmthunder.operator.model import (
     NodeFacts,
     ReplicaFacts,
     VolumeFacts,
+    resource_path,
 )
 from vmthunder.operator.reconcile import ReplicaPlan, plan_replicas
 from vmthunder.operator.writer import ReplicaWriter, load_kube_config
@@ -97,9 +98,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo["state"] = Memo(
         writer=ReplicaWriter(api_client),
         nodes=Informer(rest, core_path("nodes"), NodeFacts.from_object, on_node).start(),
-        replicas=Informer(rest, custom_path(GROUP, VERSION, IMAGE_REPLICAS),
+        replicas=Informer(rest, resource_path(IMAGE_REPLICAS),
                           ReplicaFacts.from_dict, on_replica).start(),
-        volumes=Informer(rest, custom_path(GROUP, VERSION, IMAGE_VOLUMES),
+        volumes=Informer(rest, resource_path(IMAGE_VOLUMES),
                          VolumeFacts.from_dict, on_volume).start(),
     )
 

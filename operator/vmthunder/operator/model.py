@@ -7,12 +7,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from vmthunder.kube import custom_path
+
 GROUP: Final = "vmthunder.io"
 VERSION: Final = "v1alpha1"
 API_VERSION: Final = f"{GROUP}/{VERSION}"
 IMAGE_CACHES: Final = "imagecaches"
 IMAGE_REPLICAS: Final = "imagereplicas"
 IMAGE_VOLUMES: Final = "imagevolumes"
+
+
+
+def resource_path(plural: str, name: str | None = None, subresource: str | None = None) -> str:
+    """The REST path of our resources' collection, one of them, or its subresource."""
+    return custom_path(GROUP, VERSION, plural, name, subresource)
+
 
 LABEL_IMAGE_CACHE: Final = "vmthunder.io/image-cache"
 LABEL_NODE: Final = "vmthunder.io/node"
