@@ -4,6 +4,7 @@ credentials a kubeconfig or a pod gives, the verbs, the errors, a watch."""
 from __future__ import annotations
 
 import base64
+import http.server
 import subprocess
 import tempfile
 import threading
@@ -190,3 +191,41 @@ def test_a_client_certificate_inline_in_the_kubeconfig_authenticates(
     assert nodes["kind"] == "NodeList"
     assert set(Path(tempfile.gettempdir()).glob("vmthunder-kube-*")) == before, \
         "the key was left on disk"
+
+
+def test_a_read_or_patch_whose_connection_breaks_is_sent_again_a_create_is_not() -> None:
+    """A kept-alive connection the server closes as it is reused (an SSL EOF under load, which
+    failed an agent's round at N = 16): a server that hangs up on every other request."""
+    requests: list[str] = []
+
+    class HangsUpEveryOther(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            requests.append(self.command)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if len(requests) % 2:
+                self.close_connection = True  # no answer at all
+                return
+            body = b'{"kind": "Status"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PATCH = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HangsUpEveryOther)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rest = Rest(Credentials(f"http://127.0.0.1:{server.server_port}"))
+        assert rest.get("/version") == {"kind": "Status"}
+        assert rest.patch("/x", {"a": 1}) == {"kind": "Status"}
+        assert requests == ["GET", "GET", "PATCH", "PATCH"]
+        with pytest.raises(ApiError) as e:
+            rest.create("/x", {"a": 1})
+        assert e.value.status == 0 and e.value.transient
+        assert requests[4:] == ["POST"]  # sent once: a second might create twice
+    finally:
+        server.shutdown()

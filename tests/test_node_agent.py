@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from waiting import wait_for
 
+from vmthunder.kube import ApiError
 from vmthunder.node import dm, names, stack
 from vmthunder.node.agent import (
     CACHE_CONDITION,
@@ -610,3 +611,29 @@ def test_a_beat_writes_only_the_heartbeat_of_the_nodes_reported_live_replicas() 
     Agent("n", kube, None, None, "10.0.0.1",  # type: ignore[arg-type]
           initiator="iqn.x:n").beat()
     assert [(name, list(status)) for name, status in kube.patched] == [("a.n", ["heartbeat"])]
+
+
+@pytest.mark.parametrize(("error", "reported"), [
+    (ApiError(0, "PATCH ...: SSLEOFError"), False),  # the API server's hiccups
+    (ApiError(503, "Service Unavailable"), False),
+    (ApiError(422, "status.phase: Unsupported value"), True),  # this agent's own fault
+    (OSError(5, "Input/output error"), True),  # the kernel's
+])
+def test_a_round_reports_failed_for_the_replicas_errors_not_the_api_servers_hiccups(
+        monkeypatch: pytest.MonkeyPatch, error: Exception, reported: bool) -> None:
+    class FlakyKube(TreeKube):
+        def replicas(self, labels: object) -> list[dict[str, Any]]:
+            return [{"metadata": {"name": "img.b"},
+                     "spec": {"imageCache": "img", "node": "b", "parent": "a"}}]
+
+    kube = FlakyKube({})
+    agent = Agent("b", kube, NoKernel(), NoKernel(), "10.0.0.12",  # type: ignore[arg-type]
+                  initiator="iqn.x:b")
+
+    def round_fails(r: object) -> None:
+        raise error
+
+    monkeypatch.setattr(agent, "_replica", round_fails)
+    monkeypatch.setattr(dm, "names", lambda: [])
+    agent._round()
+    assert [w["phase"] for w in kube.written] == (["Failed"] if reported else [])

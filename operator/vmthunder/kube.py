@@ -33,6 +33,9 @@ Obj = dict[str, Any]
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # the API's RFC 3339 timestamps, to the second, in UTC
 IN_CLUSTER = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_TTL_SECONDS = 60.0  # a projected ServiceAccount token is rotated in place; reread it
+# Requests sent again when their connection broke: a read, and a merge patch (applying one
+# twice gives what applying it once does). Never a create or a delete.
+RESENDABLE = frozenset({"GET", "PATCH"})
 
 
 def load_api_client(pool_size: int = 4) -> kubernetes.client.ApiClient:
@@ -178,12 +181,12 @@ def _as_file(pem: bytes | str, path: Path) -> str:
 
 class Rest:
     """The API server's REST API as JSON: `get`, `list`, `create`, `patch`, `delete` and
-    `watch` of a path such as `custom_path("imagereplicas", name)`. Errors raise ApiError."""
+    `watch` of a path such as `core_path("nodes", name)`. Errors raise ApiError."""
 
     def __init__(self, credentials: Credentials, pool_size: int = 4) -> None:
         self.credentials = credentials
-        # Retries only of a connection that could not be made: a request that reached the
-        # server is never sent twice (a create, a patch); the callers retry what failed.
+        # urllib3 retries only a connection that could not be made; `_request` sends again
+        # what is RESENDABLE when its connection broke; the callers retry the rest.
         self.pool = urllib3.PoolManager(
             maxsize=pool_size, ssl_context=_tls_context(credentials),
             retries=urllib3.Retry(total=2, connect=2, read=0, status=0, other=0,
@@ -272,13 +275,19 @@ class Rest:
             headers["Content-Type"] = content_type
         query = {k: _param(v) for k, v in (params or {}).items() if v not in (None, "")}
         url = self.credentials.server + path + (f"?{urlencode(query)}" if query else "")
-        try:
-            response = self.pool.request(
-                method, url,
-                body=None if body is None else json.dumps(body).encode(), headers=headers,
-                preload_content=not stream, timeout=timeout)
-        except urllib3.exceptions.HTTPError as e:
-            raise ApiError(0, f"{method} {path}: {e}") from e
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(2):
+            try:
+                response = self.pool.request(method, url, body=data, headers=headers,
+                                             preload_content=not stream, timeout=timeout)
+                break
+            except urllib3.exceptions.HTTPError as e:
+                # A kept-alive connection the server closed as it was reused fails the request
+                # (seen under load as an SSL EOF); what may safely run twice is sent again on
+                # a new one. A timeout is not: the server is slow, not gone.
+                if (attempt or method not in RESENDABLE
+                        or isinstance(e, urllib3.exceptions.TimeoutError)):
+                    raise ApiError(0, f"{method} {path}: {e}") from e
         if not 200 <= response.status <= 299:
             text = response.data.decode(errors="replace")
             try:

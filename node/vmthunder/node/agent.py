@@ -33,7 +33,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from vmthunder.kube import TIME_FORMAT
+from vmthunder.kube import TIME_FORMAT, ApiError
 from vmthunder.node import blockdev, dm, iscsi, lio, metrics, names, stack
 from vmthunder.node import transport as transports
 from vmthunder.node.api import Kube, WatchedKube
@@ -456,6 +456,12 @@ class Agent:
             try:
                 self._replica(r)
             except Exception as e:  # one replica's failure must not stop the others
+                if isinstance(e, ApiError) and e.transient:
+                    # The API server's hiccup (a dropped connection, a 5xx), not the replica's:
+                    # reported as Failed, it had the operator move the node's children away and
+                    # back (N = 16, 2026-12-07). The next round, seconds away, writes it.
+                    log.warning("replica %s: %s; again next round", r["metadata"]["name"], e)
+                    continue
                 log.exception("replica %s", r["metadata"]["name"])
                 self._report_failure(r, e)
         now = time.monotonic()
