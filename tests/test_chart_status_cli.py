@@ -86,3 +86,11 @@ def test_status_command_reads_the_tree_from_the_api_server(control_plane: Contro
     missing = subprocess.run([sys.executable, "-m", "vmthunder.cli", "status", "no-such-cache"],
                              env=cp.env(), capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "not found" in missing.stdout
+    # Credentials that may not read ImageCaches: the refusal in a line, not a traceback.
+    cp.kubectl("create", "serviceaccount", "status-nobody", "-n", "default")
+    token = cp.kubectl("create", "token", "status-nobody", "-n", "default").stdout.strip()
+    env = {**cp.env(), "KUBECONFIG": str(cp.token_kubeconfig("status-nobody", token))}
+    refused = subprocess.run([sys.executable, "-m", "vmthunder.cli", "status", "status-golden"],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "cannot read imagecache 'status-golden': (403)" in refused.stderr

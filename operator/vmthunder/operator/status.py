@@ -10,20 +10,18 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
-import kubernetes
-from kubernetes.client.exceptions import ApiException
-
+from vmthunder.kube import ApiError, Rest
 from vmthunder.operator.model import (
-    GROUP,
     HYDRATED_PHASES,
     IMAGE_CACHES,
     IMAGE_REPLICAS,
     LABEL_IMAGE_CACHE,
     REPLICA_PHASES,
-    VERSION,
+    resource_path,
 )
 from vmthunder.operator.treeview import render_tree
 
@@ -60,25 +58,28 @@ def render_status(cache: Mapping[str, Any], replicas: Sequence[Mapping[str, Any]
     return header + "\n" + render_tree(parents, notes)
 
 
-def fetch_status(api: kubernetes.client.CustomObjectsApi, name: str
+def fetch_status(rest: Rest, name: str
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
     """The ImageCache and its ImageReplicas, or None if there is no such ImageCache."""
-    try:
-        cache = cast(dict[str, Any], api.get_cluster_custom_object(
-            GROUP, VERSION, IMAGE_CACHES, name))
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    replicas = cast(dict[str, Any], api.list_cluster_custom_object(
-        GROUP, VERSION, IMAGE_REPLICAS, label_selector=f"{LABEL_IMAGE_CACHE}={name}"))
+    cache = rest.find(resource_path(IMAGE_CACHES, name))
+    if cache is None:
+        return None
+    replicas = rest.get(resource_path(IMAGE_REPLICAS),
+                        {"labelSelector": f"{LABEL_IMAGE_CACHE}={name}"})
     return cache, list(replicas.get("items", []))
 
 
 def run_status(name: str) -> int:
-    from vmthunder.kube import load_api_client
+    import kubernetes
 
-    found = fetch_status(kubernetes.client.CustomObjectsApi(load_api_client()), name)
+    from vmthunder.kube import Credentials, load_api_client
+
+    try:  # the kubeconfig read as kubectl reads it, credential plugins included
+        rest = Rest(Credentials.from_configuration(load_api_client().configuration))
+        found = fetch_status(rest, name)
+    except (ApiError, kubernetes.config.ConfigException) as e:
+        print(f"vmthunder status: cannot read imagecache {name!r}: {e}", file=sys.stderr)
+        return 1
     if found is None:
         print(f"imagecache {name!r} not found")
         return 1
