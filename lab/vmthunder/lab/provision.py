@@ -937,7 +937,10 @@ def wait_boot(g: Guest, tag: str, timeout: float, setup: str | None = None) -> d
                 err = run_quick(g, f"tail -c 2000 /tmp/{tag}.err")
                 raise ProvisionError(f"{g.name}: boot failed rc={rc}: {err}") from None
         if time.monotonic() > deadline:
-            raise ProvisionError(f"{g.name}: boot still running after {timeout:.0f} s")
+            # Stopped: it holds the volume open, which would fail the unstage that follows
+            # and leave it reading beside the next run (N = 16, 2026-12-07).
+            run_quick(g, f"pkill -f -- '[-]-ticket {ticket_path(tag)} ' || true")
+            raise ProvisionError(f"{g.name}: boot still running after {timeout:.0f} s; stopped")
         time.sleep(0.5)
 
 
