@@ -368,6 +368,7 @@ class Rig:
     def start(cls, options: Options, out: TextIO = sys.stdout,
               services: bool = True) -> Rig:
         """Boots the lab and the control plane; with services, the VMThunder processes too."""
+        _teardown_on_sigterm()
         printer = Printer(out, options.live)
         t0 = time.monotonic()
         disk, prof = golden(options.image)
@@ -914,6 +915,17 @@ def boot_output(g: Guest, cmd: str, tag: str, timeout: float) -> dict[str, Any]:
 
     start_shell(g, cmd, tag)
     return wait_boot(g, tag, timeout)
+
+
+def _teardown_on_sigterm() -> None:
+    """A SIGTERM (kill, a job's timeout) ends the run as Ctrl-C does, through the callers'
+    `finally: rig.close()`: by default it killed the run and left the control plane's and the
+    operator's processes behind."""
+    import signal
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def wait_boot(g: Guest, tag: str, timeout: float, setup: str | None = None) -> dict[str, Any]:
