@@ -276,7 +276,10 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
                     print(f"  {mode}: cleanup failed: {type(e).__name__}: {str(e)[:3000]}",
                           flush=True)
     finally:
-        rig.close()
+        try:  # each process's log and each guest's CPU per process: where the time went
+            rig.save_logs(a.out.with_name(f"{a.out.stem}-n{n}-logs"))
+        finally:
+            rig.close()
 
 
 def main() -> int:
