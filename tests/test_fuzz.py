@@ -205,15 +205,14 @@ def test_a_heartbeat_without_a_timezone_counts_as_utc() -> None:
 
 def test_a_failed_replica_moves_only_off_a_dead_parent_and_never_keeps_children() -> None:
     beat, dead = NOW - timedelta(seconds=5), NOW - timedelta(minutes=5)
-    nodes = [NodeFacts(n, True) for n in "abc"]
-
     def replica(node: str, parent: str, phase: str, heartbeat: datetime) -> ReplicaFacts:
         depth = 1 if parent == ORIGIN else 2 if parent == "a" else 3
         return ReplicaFacts(f"img.{node}", "img", node, parent, depth, phase, heartbeat)
 
     def plan(facts: Sequence[ReplicaFacts]) -> dict[str, tuple[str, int]]:
+        nodes = [NodeFacts(f.node, True) for f in facts]
         p = plan_replicas("img", CacheSpec(fanout=2, origin_fanout=1), nodes, facts,
-                          {"a", "b", "c"}, NOW)
+                          {f.node for f in facts}, NOW)
         return {r.node: (r.parent, r.depth) for r in p.update}
 
     def moves(*facts: ReplicaFacts) -> dict[str, str]:
@@ -236,6 +235,12 @@ def test_a_failed_replica_moves_only_off_a_dead_parent_and_never_keeps_children(
     # A failed cache serves nobody: its child moves to its healthy parent.
     assert moves(replica("a", ORIGIN, "Attached", beat), replica("b", "a", "Failed", beat),
                  replica("c", "b", "Attached", beat)) == {"c": "a"}
+    # ... unless that parent is full: the failed one still holds its slot there (its session
+    # may carry reads), so its child goes one level down (N = 16: three children under a
+    # fan-out of 2 while a replica was Failed).
+    assert moves(replica("a", ORIGIN, "Attached", beat), replica("b", "a", "Failed", beat),
+                 replica("d", "a", "Attached", beat),
+                 replica("c", "b", "Attached", beat)) == {"c": "d"}
 
 
 # --- boot profiles -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -208,6 +209,31 @@ def test_a_plan_with_nodes_that_do_not_serve_is_stable_when_fed_back(
     again = [NodeState(n.name, topology=n.topology, parent=plan[n.name].parent,
                        serves=n.serves) for n in nodes]
     assert plan_tree(again, *k) == plan
+
+
+@st.composite
+def some_holding_slots(draw: st.DrawFn) -> list[NodeState]:
+    """Arbitrary nodes, some kept out of the plan while they still read from their parent
+    (a Failed replica whose agent reports)."""
+    return [replace(n, holds_slot=not n.ready and draw(st.booleans()))
+            for n in draw(arbitrary_nodes())]
+
+
+@PROPERTY
+@given(some_holding_slots(), fanouts())
+def test_a_node_out_of_the_plan_that_holds_its_slot_counts_against_its_parents_fanout(
+    nodes: list[NodeState], k: tuple[int, int | None]
+) -> None:
+    fanout, origin_fanout = k
+    plan = plan_tree(nodes, fanout, origin_fanout)
+    assert set(plan) == ready_names(nodes)
+    assert all(reaches_origin(plan, name) for name in plan)
+    held = Counter(n.parent for n in nodes if n.holds_slot and n.parent != n.name)
+    counts = child_counts(plan)
+    assert all(c <= max(0, fanout - held[p]) for p, c in counts.items() if p != ORIGIN)
+    # each node that takes a slot without adding room may push one node under the origin
+    k0 = origin_fanout or fanout
+    assert counts[ORIGIN] <= max(0, k0 - held[ORIGIN]) + sum(held.values())
 
 
 def test_a_node_that_does_not_serve_does_not_take_the_origin_s_last_slot() -> None:

@@ -6,7 +6,8 @@ ready node. What it guarantees (each pinned by a property test in tests/test_pla
 
 - every ready node gets exactly one parent, a ready node of the plan or ORIGIN; following
   parents always reaches ORIGIN (no cycles, whatever the input says);
-- no node has more than `fanout` children, the origin no more than `origin_fanout`;
+- no node has more than `fanout` children, the origin no more than `origin_fanout`, counting
+  the nodes kept out of the plan that hold a slot of their parent (`holds_slot`);
 - a fresh plan (no current parents) without topology domains is a breadth-first tree: its
   depth is the optimum for (N, fanout, origin_fanout), which is <= ceil(log_k N) + 1;
   hydrated nodes take the shallowest places, so they are the parents;
@@ -33,8 +34,8 @@ ready node. What it guarantees (each pinned by a property test in tests/test_pla
 - a node that does not serve (`serves=False`: its cache disk is full and it only passes
   reads through to its parent, or its replica Failed) gets no children; its children are
   orphans. Where no serving node has room for a node, it goes under the origin beyond
-  `origin_fanout` (at most one extra child per non-serving node). It is placed as if it had
-  no topology domain.
+  `origin_fanout` (at most one extra child per non-serving or slot-holding node). It is
+  placed as if it had no topology domain.
 
 Repairs keep subtrees intact, so a repaired tree can be deeper than a fresh plan would be;
 a fresh plan of the same nodes is the way to rebalance.
@@ -68,6 +69,9 @@ class NodeState:
     parent: str | None = None  # current parent: node name, ORIGIN, or None if unplaced
     hydrated: bool = False  # its cache is complete (a preferred parent)
     serves: bool = True  # False: it cannot re-export the image (a pass-through, Failed): a leaf
+    # Not ready, yet still reading from `parent` (a Failed replica whose agent reports): it is
+    # not placed, but it takes one of that parent's slots.
+    holds_slot: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,10 @@ class _Planner:
         self.fanout = fanout
         self.origin_fanout = origin_fanout
         self.ready = {name: n for name, n in by_name.items() if n.ready}
+        self.held: dict[str, int] = defaultdict(int)  # slots taken by nodes out of the plan
+        for n in by_name.values():
+            if not n.ready and n.holds_slot and n.parent is not None and n.parent != n.name:
+                self.held[n.parent] += 1
         self.names = sorted(self.ready)
         # A node that does not serve has no subtree to keep in its domain: it is placed as if it
         # had none (as a domain member it would be cut as a second entry wherever its full
@@ -166,8 +174,10 @@ class _Planner:
 
     def cap(self, name: str) -> int:
         if name == ORIGIN:
-            return self.origin_fanout
-        return self.fanout if self.ready[name].serves else 0
+            base = self.origin_fanout
+        else:
+            base = self.fanout if self.ready[name].serves else 0
+        return max(0, base - self.held.get(name, 0))
 
     def spare(self, name: str) -> int:
         return self.cap(name) - len(self.children.get(name, ()))

@@ -171,14 +171,19 @@ def plan_replicas(
         node = nodes_by_name[name]
         replica = current.get(name)
         parent_reporting = replica is not None and reporting.get(replica.parent, False)
+        placeable = is_placeable(replica, parent_reporting)
         states.append(
             NodeState(
                 name=name,
-                ready=reporting[name] and is_placeable(replica, parent_reporting),
+                ready=reporting[name] and placeable,
                 topology=node.labels.get(spec.topology_key),
                 parent=replica.parent if replica else None,
                 hydrated=replica.hydrated if replica else False,
                 serves=can_serve(replica),
+                # Failed, kept where it is, and alive: its session to its parent may carry
+                # reads, so its slot is not handed to another child (seen at N = 16: three
+                # children under a fan-out of 2).
+                holds_slot=reporting[name] and not placeable,
             )
         )
     placements = plan_tree(states, spec.fanout, spec.origin_fanout)
