@@ -152,7 +152,7 @@ def test_the_operators_login_through_an_exec_plugin_serves_its_watches_too(
     }, {"exec": {"command": str(plugin), "apiVersion": "client.authentication.k8s.io/v1",
                  "interactiveMode": "Never"}})
     monkeypatch.setenv("KUBECONFIG", str(config))
-    rest = Rest(Credentials.from_configuration(load_api_client().configuration))
+    rest = Rest.from_api_client(load_api_client())
     assert rest.get(core_path("nodes"))["kind"] == "NodeList"
     before = len(runs.read_text().splitlines())
     assert rest.get("/version")["gitVersion"]

@@ -197,6 +197,11 @@ class Rest:
     def from_environment(cls, pool_size: int = 4) -> Rest:
         return cls(Credentials.from_environment(), pool_size)
 
+    @classmethod
+    def from_api_client(cls, api_client: kubernetes.client.ApiClient) -> Rest:
+        """Logged in as the official client is (see Credentials.from_configuration)."""
+        return cls(Credentials.from_configuration(api_client.configuration))
+
     # --- verbs ---
 
     def get(self, path: str, params: Mapping[str, Any] | None = None, *,

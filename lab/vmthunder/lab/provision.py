@@ -892,14 +892,20 @@ def start_replayer(g: Guest, cmd: str, tag: str, timeout: float = NODE_READY_TIM
 
     ticket = ticket_path(tag)
     # One replayer per ticket: one left waiting by an earlier run would start with this one.
-    # ([-]: the pattern must not match this very shell's command line)
-    run_quick(g, f"pkill -f -- '[-]-ticket {ticket} ' || true; rm -f {ticket} {ticket}.ready")
+    stop_replayer(g, tag)
+    run_quick(g, f"rm -f {ticket} {ticket}.ready")
     start_shell(g, cmd, tag)
     run_quick(g, f"i=0; until [ -e {ticket}.ready ] || [ -e /tmp/{tag}.rc ]; do i=$((i+1)); "
                  f"[ $i -gt {int(timeout * 2)} ] && break; sleep 0.5; done", timeout=timeout + 30)
     if not run_quick(g, f"[ -e {ticket}.ready ] && echo ready || true").strip():
         err = run_quick(g, f"tail -c 2000 /tmp/{tag}.err 2>/dev/null || true")
         raise ProvisionError(f"{g.name}: the replayer did not start: {err}")
+
+
+def stop_replayer(g: Guest, tag: str) -> None:
+    """Kills the replay of `tag`'s ticket, if one runs ([-]: the pattern must not match the
+    command line of the shell that runs pkill)."""
+    run_quick(g, f"pkill -f -- '[-]-ticket {ticket_path(tag)} ' || true")
 
 
 def go(g: Guest, tag: str, ticket: Mapping[str, Any]) -> None:
@@ -951,7 +957,7 @@ def wait_boot(g: Guest, tag: str, timeout: float, setup: str | None = None) -> d
         if time.monotonic() > deadline:
             # Stopped: it holds the volume open, which would fail the unstage that follows
             # and leave it reading beside the next run (N = 16, 2026-12-07).
-            run_quick(g, f"pkill -f -- '[-]-ticket {ticket_path(tag)} ' || true")
+            stop_replayer(g, tag)
             raise ProvisionError(f"{g.name}: boot still running after {timeout:.0f} s; stopped")
         time.sleep(0.5)
 

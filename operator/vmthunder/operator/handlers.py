@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from vmthunder.kube import Credentials, Rest, core_path
+from vmthunder.kube import Rest, core_path
 from vmthunder.operator.informer import Informer
 from vmthunder.operator.model import (
     GROUP,
@@ -80,7 +80,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     loop = asyncio.get_running_loop()
     api_client = load_kube_config()
-    rest = Rest(Credentials.from_configuration(api_client.configuration))  # the same login
+    rest = Rest.from_api_client(api_client)  # the same login
 
     def wake(cache: str | None = None) -> None:
         loop.call_soon_threadsafe(memo["state"].trigger, cache)

@@ -17,7 +17,6 @@ IMAGE_REPLICAS: Final = "imagereplicas"
 IMAGE_VOLUMES: Final = "imagevolumes"
 
 
-
 def resource_path(plural: str, name: str | None = None, subresource: str | None = None) -> str:
     """The REST path of our resources' collection, one of them, or its subresource."""
     return custom_path(GROUP, VERSION, plural, name, subresource)

@@ -72,10 +72,10 @@ def fetch_status(rest: Rest, name: str
 def run_status(name: str) -> int:
     import kubernetes
 
-    from vmthunder.kube import Credentials, load_api_client
+    from vmthunder.kube import load_api_client
 
     try:  # the kubeconfig read as kubectl reads it, credential plugins included
-        rest = Rest(Credentials.from_configuration(load_api_client().configuration))
+        rest = Rest.from_api_client(load_api_client())
         found = fetch_status(rest, name)
     except (ApiError, kubernetes.config.ConfigException) as e:
         print(f"vmthunder status: cannot read imagecache {name!r}: {e}", file=sys.stderr)
