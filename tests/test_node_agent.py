@@ -616,10 +616,11 @@ def test_a_beat_writes_only_the_heartbeat_of_the_nodes_reported_live_replicas() 
 @pytest.mark.parametrize(("error", "reported"), [
     (ApiError(0, "PATCH ...: SSLEOFError"), False),  # the API server's hiccups
     (ApiError(503, "Service Unavailable"), False),
+    (ApiError(404, 'imagereplicas "img.b" not found'), False),  # deleted while the round ran
     (ApiError(422, "status.phase: Unsupported value"), True),  # this agent's own fault
     (OSError(5, "Input/output error"), True),  # the kernel's
 ])
-def test_a_round_reports_failed_for_the_replicas_errors_not_the_api_servers_hiccups(
+def test_a_round_reports_failed_for_the_replicas_errors_not_hiccups_or_deletions(
         monkeypatch: pytest.MonkeyPatch, error: Exception, reported: bool) -> None:
     class FlakyKube(TreeKube):
         def replicas(self, labels: object) -> list[dict[str, Any]]:

@@ -462,6 +462,11 @@ class Agent:
                     # back (N = 16, 2026-12-07). The next round, seconds away, writes it.
                     log.warning("replica %s: %s; again next round", r["metadata"]["name"], e)
                     continue
+                if isinstance(e, ApiError) and e.status == 404:
+                    # Deleted while the round ran (its ImageCache went): no status to write,
+                    # and the next round's sweep removes its stack.
+                    log.info("replica %s deleted meanwhile", r["metadata"]["name"])
+                    continue
                 log.exception("replica %s", r["metadata"]["name"])
                 self._report_failure(r, e)
         now = time.monotonic()
