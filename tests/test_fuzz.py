@@ -409,7 +409,7 @@ def test_a_replica_that_passes_reads_through_loses_its_children_and_keeps_its_pa
     beat = NOW - timedelta(seconds=5)
     full = {"type": "Cached", "status": "False", "reason": "CacheDiskFull"}
     b = ReplicaFacts.from_dict({
-        "metadata": {"name": "img.b"},
+        "metadata": {"name": "img.b", "labels": {"vmthunder.io/parent": "a"}},
         "spec": {"imageCache": "img", "node": "b", "parent": "a", "depth": 2},
         "status": {"phase": "Attached", "heartbeat": beat.isoformat(), "conditions": [full]}})
     assert not b.caching
@@ -437,3 +437,26 @@ def test_the_caches_status_carries_the_image_size_a_node_found_unless_the_spec_g
     given_size = replace(spec, size_bytes=6 << 20)
     assert plan_replicas("img", given_size, nodes, [a, b], set(), NOW
                          ).status.image_size_bytes == 6 << 20
+
+
+def test_a_replica_without_its_parents_label_gets_it_and_nothing_moves() -> None:
+    """An older operator's replicas carry no vmthunder.io/parent, by which agents watch their
+    children: the next plan writes it (spec unchanged), and only where it is missing or wrong."""
+    spec = CacheSpec(fanout=2, origin_fanout=1, node_selector={})
+    nodes = [NodeFacts(n, True) for n in ("a", "b", "c")]
+    beat = NOW - timedelta(seconds=5)
+
+    def replica(node: str, parent: str, depth: int, labels: dict[str, str]) -> ReplicaFacts:
+        return ReplicaFacts.from_dict({
+            "metadata": {"name": f"img.{node}", "labels": labels},
+            "spec": {"imageCache": "img", "node": node, "parent": parent, "depth": depth},
+            "status": {"phase": "Hydrating", "heartbeat": beat.isoformat()}})
+
+    replicas = [replica("a", ORIGIN, 1, {}),  # under the origin: no label is right
+                replica("b", "a", 2, {}),  # missing
+                replica("c", "a", 2, {"vmthunder.io/parent": "b"})]  # wrong
+    plan = plan_replicas("img", spec, nodes, replicas, set(), NOW)
+    assert {(u.node, u.parent, u.label) for u in plan.update} == {("b", "a", "a"),
+                                                                  ("c", "a", "a")}
+    assert plan.reparented == ()
+    assert not plan.create and not plan.delete

@@ -107,6 +107,14 @@ def assert_valid_tree(parents: dict[str, str], fanout: int) -> int:
     return depth
 
 
+def assert_labeled_with_their_parents(replicas: dict[str, dict[str, Any]]) -> None:
+    """Agents watch their children by vmthunder.io/parent (none under the origin)."""
+    for node, r in replicas.items():
+        parent = r["spec"]["parent"]
+        assert r["metadata"]["labels"].get("vmthunder.io/parent") == (
+            None if parent == ORIGIN else parent), node
+
+
 def test_every_node_gets_a_replica_with_a_valid_parent(cluster: Cluster) -> None:
     for i in range(50):
         cluster.add_node(f"node-{i:02d}", zone=f"zone-{i % 2}")
@@ -116,6 +124,7 @@ def test_every_node_gets_a_replica_with_a_valid_parent(cluster: Cluster) -> None
     parents = wait_for("50 replicas",
                        lambda: (p := cluster.parents("golden")) and len(p) == 50 and p)
     depth = assert_valid_tree(parents, fanout=3)
+    assert_labeled_with_their_parents(cluster.replicas("golden"))
     status = wait_for("status", lambda: cluster.cache("golden").get("status", {}).get("nodeCount"))
     assert status == 50
     cache = cluster.cache("golden")
@@ -145,6 +154,8 @@ def test_notready_nodes_children_are_reparented_and_healthy_subtrees_kept(cluste
     for node, parent in before.items():
         if node not in failing and parent not in failing:
             assert after[node] == parent, f"{node} moved although its parent {parent} is healthy"
+    # the label moved with the parent (one write): the new parent's agent sees its child
+    assert_labeled_with_their_parents(cluster.replicas("golden"))
     reasons = wait_for("Planned and Reparented events", lambda: (
         r := {e.reason for e in cluster.core.list_namespaced_event(
             "default", field_selector="involvedObject.name=golden").items}

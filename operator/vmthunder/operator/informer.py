@@ -26,11 +26,12 @@ OnChange = Callable[[T | None, T | None], None]
 
 class Informer(Generic[T]):
     def __init__(self, rest: Rest, path: str, extract: Extract[T], on_change: OnChange[T],
-                 page_size: int = 1000) -> None:
-        """`path`: the collection, e.g. /api/v1/nodes."""
-        self.name = path.rsplit("/", 1)[-1]
+                 page_size: int = 1000, selector: str | None = None) -> None:
+        """`path`: the collection, e.g. /api/v1/nodes; `selector`: a label selector."""
+        self.name = path.rsplit("/", 1)[-1] + (f"[{selector}]" if selector else "")
         self.rest = rest
         self.path = path
+        self.selector = selector
         self.extract = extract
         self.on_change = on_change
         self.page_size = page_size
@@ -66,7 +67,8 @@ class Informer(Generic[T]):
         fresh: dict[str, T] = {}
         token: str | None = None
         while True:
-            page = self.rest.get(self.path, {"limit": self.page_size, "continue": token})
+            page = self.rest.get(self.path, {"limit": self.page_size, "continue": token,
+                                             "labelSelector": self.selector})
             for obj in page.get("items", []):
                 item = self._extract(obj)
                 if item is not None:
@@ -92,7 +94,8 @@ class Informer(Generic[T]):
 
     def _watch(self, version: str) -> str:
         events = self.rest.watch(self.path, WATCH_SECONDS, {
-            "resourceVersion": version, "allowWatchBookmarks": True})
+            "resourceVersion": version, "allowWatchBookmarks": True,
+            "labelSelector": self.selector})
         try:
             for event in events:
                 if self._stop.is_set():

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from vmthunder.kube import custom_path
+from vmthunder.operator.planner import ORIGIN
 
 GROUP: Final = "vmthunder.io"
 VERSION: Final = "v1alpha1"
@@ -24,6 +25,9 @@ def resource_path(plural: str, name: str | None = None, subresource: str | None 
 
 LABEL_IMAGE_CACHE: Final = "vmthunder.io/image-cache"
 LABEL_NODE: Final = "vmthunder.io/node"
+# The replica's parent node (absent under the origin): an agent watches its children by it
+# instead of every replica in the cluster.
+LABEL_PARENT: Final = "vmthunder.io/parent"
 
 # Phases of a replica, in the order a node goes through them.
 REPLICA_PHASES: Final = (
@@ -100,6 +104,7 @@ class ReplicaFacts:
     parent_lost: bool = False  # its session to its parent carries no I/O
     caching: bool = True  # False: no room for its cache, it passes reads through (a leaf)
     image_size: int = 0  # the image's size as its node found it (0: not yet)
+    labeled: bool = True  # carries its parent's LABEL_PARENT (an older operator's does not)
 
     @property
     def hydrated(self) -> bool:
@@ -108,6 +113,7 @@ class ReplicaFacts:
     @staticmethod
     def from_dict(obj: Mapping[str, Any]) -> ReplicaFacts:
         spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        labels = (obj.get("metadata") or {}).get("labels") or {}
         beat = status.get("heartbeat")
         return ReplicaFacts(
             name=obj["metadata"]["name"],
@@ -124,7 +130,13 @@ class ReplicaFacts:
             caching=not any(c.get("type") == CACHE_CONDITION and c.get("status") == "False"
                             for c in status.get("conditions") or ()),
             image_size=int(status.get("imageSizeBytes") or 0),
+            labeled=labels.get(LABEL_PARENT) == parent_label(str(spec.get("parent", ""))),
         )
+
+
+def parent_label(parent: str) -> str | None:
+    """LABEL_PARENT's value for a replica under `parent` (a node name, or the origin: none)."""
+    return None if parent == ORIGIN else parent
 
 
 def _utc(t: datetime) -> datetime:

@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from vmthunder.operator.model import CacheSpec, NodeFacts, ReplicaFacts, replica_name
+from vmthunder.operator.model import (
+    CacheSpec,
+    NodeFacts,
+    ReplicaFacts,
+    parent_label,
+    replica_name,
+)
 from vmthunder.operator.planner import ORIGIN, NodeState, Placement, plan_tree
 
 # A replica whose agent has not reported for this long is treated as unhealthy: its children
@@ -27,6 +33,11 @@ class ReplicaSpec:
     node: str
     parent: str
     depth: int
+
+    @property
+    def label(self) -> str | None:
+        """Its LABEL_PARENT."""
+        return parent_label(self.parent)
 
 
 @dataclass(frozen=True)
@@ -198,8 +209,9 @@ def plan_replicas(
             replica_name(cache_name, name), name, placement.parent, placement.depth)
         if replica is None:
             create.append(desired)
-        elif (replica.parent, replica.depth) != (placement.parent, placement.depth):
-            update.append(desired)
+        elif ((replica.parent, replica.depth) != (placement.parent, placement.depth)
+              or not replica.labeled):
+            update.append(desired)  # a replica of an older operator gets its label too
             if replica.parent != placement.parent:
                 reparented.append(Reparent(name, replica.parent, placement.parent))
     member_set = set(members)

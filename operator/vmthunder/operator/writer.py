@@ -23,6 +23,7 @@ from vmthunder.operator.model import (
     IMAGE_REPLICAS,
     LABEL_IMAGE_CACHE,
     LABEL_NODE,
+    LABEL_PARENT,
     VERSION,
 )
 from vmthunder.operator.reconcile import ReplicaPlan, ReplicaSpec
@@ -66,7 +67,8 @@ class ReplicaWriter:
             "kind": "ImageReplica",
             "metadata": {
                 "name": r.name,
-                "labels": {LABEL_IMAGE_CACHE: cache, LABEL_NODE: r.node},
+                "labels": {LABEL_IMAGE_CACHE: cache, LABEL_NODE: r.node,
+                           **({} if r.label is None else {LABEL_PARENT: r.label})},
                 "ownerReferences": [owner_ref],
             },
             "spec": {"imageCache": cache, "node": r.node, "parent": r.parent, "depth": r.depth},
@@ -87,7 +89,8 @@ class ReplicaWriter:
         await self._run(
             lambda: self.api.patch_cluster_custom_object(
                 GROUP, VERSION, IMAGE_REPLICAS, r.name,
-                {"spec": {"parent": r.parent, "depth": r.depth}}, _preload_content=False,
+                {"metadata": {"labels": {LABEL_PARENT: r.label}},  # None removes it
+                 "spec": {"parent": r.parent, "depth": r.depth}}, _preload_content=False,
             )
         )
 
