@@ -1,5 +1,6 @@
-"""The agent's core-group reads and its events, against the real API server: the CHAP secret,
-the boot profile's ConfigMap, a missing one, an event (vmthunder.kube.Rest underneath)."""
+"""The agent's reads and events, against the real API server: the CHAP secret, the boot
+profile's ConfigMap, a missing one, an event, the watched replicas (vmthunder.kube.Rest
+underneath)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,22 @@ import uuid
 
 import kubernetes
 import pytest
+from waiting import wait_for
 
 from vmthunder.kube import ApiError
 from vmthunder.lab.controlplane import ControlPlane
-from vmthunder.node.api import EVENTS_NAMESPACE, Kube
+from vmthunder.node.api import EVENTS_NAMESPACE, Kube, WatchedKube
 from vmthunder.node.iscsi import Chap
+from vmthunder.operator.model import (
+    API_VERSION,
+    IMAGE_REPLICAS,
+    LABEL_IMAGE_CACHE,
+    LABEL_NODE,
+    LABEL_PARENT,
+    replica_name,
+    resource_path,
+)
+from vmthunder.operator.planner import ORIGIN
 
 
 @pytest.fixture
@@ -62,3 +74,38 @@ def test_an_event_about_a_replica_is_recorded(
     assert [(e.type, e.reason, e.message, e.source.host) for e in events] == [
         ("Warning", "AttachFailed", "parent node-01 unreachable", "node-02")]
     assert events[0].first_timestamp is not None
+
+
+def test_the_watched_view_holds_the_nodes_own_its_childrens_and_its_parents_replicas_only(
+        control_plane: ControlPlane) -> None:
+    """An agent watches by label, not every replica: what it sees follows a re-parent."""
+    rest = control_plane.rest()
+    image = f"w{uuid.uuid4().hex[:8]}"
+
+    def put(node: str, parent: str) -> None:
+        labels = {LABEL_IMAGE_CACHE: image, LABEL_NODE: node,
+                  **({} if parent == ORIGIN else {LABEL_PARENT: parent})}
+        rest.create(resource_path(IMAGE_REPLICAS), {
+            "apiVersion": API_VERSION, "kind": "ImageReplica",
+            "metadata": {"name": replica_name(image, node), "labels": labels},
+            "spec": {"imageCache": image, "node": node, "parent": parent, "depth": 1}})
+
+    for node, parent in [("n1", ORIGIN), ("n2", "n1"), ("n3", "n2"), ("n4", "n1"),
+                         ("n9", "n7")]:
+        put(node, parent)
+    view = WatchedKube(rest, "n2").start()
+
+    def seen() -> set[str]:
+        return {r["spec"]["node"] for r in view.replicas({LABEL_IMAGE_CACHE: image})}
+
+    # its own, its child n3, its parent n1; not its sibling n4 nor the stranger n9
+    assert wait_for("the parent's replica", lambda: seen() == {"n1", "n2", "n3"})
+    assert view.replica(replica_name(image, "n1")) is not None
+    view.wake.clear()
+
+    rest.patch(resource_path(IMAGE_REPLICAS, replica_name(image, "n2")), {
+        "metadata": {"labels": {LABEL_PARENT: "n4"}}, "spec": {"parent": "n4"}})
+    assert wait_for("the new parent's replica", lambda: seen() == {"n2", "n3", "n4"})
+    assert view.wake.is_set()
+    assert view.replica(replica_name(image, "n1")) is None
+    assert view.replica(replica_name(image, "n4")) is not None

@@ -1,9 +1,10 @@
 """The agent's reads and writes of the API server.
 
-`Kube` asks the server each time. `WatchedKube` answers the reads from watches (all
-ImageReplicas and ImageCaches, raw JSON) and sets `wake` when something this node acts on
-changes, so the agent's round runs when there is news rather than polling: in a TCG guest,
-a poll's few HTTPS calls cost a third of the vCPU the VMs boot on.
+`Kube` asks the server each time. `WatchedKube` answers the reads from watches (the
+ImageReplicas of this node, its children and its parents; all ImageCaches; raw JSON) and sets
+`wake` when something this node acts on changes, so the agent's round runs when there is news
+rather than polling: in a TCG guest, a poll's few HTTPS calls cost a third of the vCPU the VMs
+boot on.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from vmthunder.operator.model import (
     IMAGE_CACHES,
     IMAGE_REPLICAS,
     LABEL_NODE,
+    LABEL_PARENT,
     resource_path,
 )
+from vmthunder.operator.planner import ORIGIN
 from vmthunder.operator.reconcile import selects
 
 EVENTS_NAMESPACE = "default"  # where Events about cluster-scoped ImageReplicas live
@@ -119,23 +122,35 @@ def _wanted(replica: Mapping[str, Any]) -> tuple[Any, ...]:
 # --- the watched view ---------------------------------------------------------------------------
 
 class WatchedKube(Kube):
+    """The replicas this node acts on, each kind watched by its labels: its own
+    (vmthunder.io/node), its children's (vmthunder.io/parent) and its parents' (their nodes',
+    re-watched when its parents change). Watching every replica instead had each of N agents
+    read every other's status writes: N² events for N nodes' work."""
+
     def __init__(self, rest: Rest, node: str) -> None:
         super().__init__(rest)
         self.node = node
         self.wake = threading.Event()
         self._mine: dict[str, Obj] = {}  # this node's replicas, for `concerns` (few)
         self._secrets: dict[tuple[str, str], tuple[float, Chap | None]] = {}
-        self._replicas = Informer[Obj](rest, resource_path(IMAGE_REPLICAS),
-                                       dict, self._replica_changed)
+        self._own = self._replicas_labeled(f"{LABEL_NODE}={node}")
+        self._children = self._replicas_labeled(f"{LABEL_PARENT}={node}")
+        self._parents: Informer[Obj] | None = None
+        self._parent_nodes: frozenset[str] = frozenset()
+        self._parents_lock = threading.Lock()
         self._caches = Informer[Obj](rest, resource_path(IMAGE_CACHES),
                                      dict, lambda old, new: self.wake.set())
 
+    def _replicas_labeled(self, selector: str) -> Informer[Obj]:
+        return Informer[Obj](self.rest, resource_path(IMAGE_REPLICAS), dict,
+                             self._replica_changed, selector=selector)
+
     def start(self) -> WatchedKube:
-        """Starts the watches and returns once both have listed. Never sooner: a round on
+        """Starts the watches and returns once they have listed. Never sooner: a round on
         empty lists would take this node's replicas for deleted and tear their stacks down."""
-        self._replicas.start()
-        self._caches.start()
-        for inf in (self._replicas, self._caches):
+        for inf in (self._own, self._children, self._caches):
+            inf.start()
+        for inf in (self._own, self._children, self._caches):
             while not inf.synced.wait(30):
                 log.warning("still waiting for the first listing of %s", inf.name)
         return self
@@ -150,15 +165,45 @@ class WatchedKube(Kube):
                 self._mine.pop(name, None)
             else:
                 self._mine[name] = new
+            self._follow_parents()
         if concerns(self.node, self._mine, old, new):
             self.wake.set()
 
+    def _follow_parents(self) -> None:
+        """Watches the replicas of this node's parents' nodes, anew when that set changes."""
+        wanted = frozenset(str(p) for r in list(self._mine.values())
+                           if (p := (r.get("spec") or {}).get("parent")) not in (None, ORIGIN))
+        with self._parents_lock:
+            if wanted == self._parent_nodes:
+                return
+            old, self._parent_nodes = self._parents, wanted
+            self._parents = (self._replicas_labeled(f"{LABEL_NODE} in ({','.join(sorted(wanted))})")
+                             .start() if wanted else None)
+        if old is not None:
+            old.stop()  # its items are no longer read; its thread ends with its watch
+
+    def _watched(self) -> list[Informer[Obj]]:
+        parents = self._parents
+        return [self._own, self._children, *([parents] if parents is not None else [])]
+
     def replicas(self, labels: Mapping[str, str]) -> list[Obj]:
-        return [r for r in self._replicas.values()
+        found: dict[str, Obj] = {}
+        for inf in self._watched():
+            found.update((r["metadata"]["name"], r) for r in inf.values())
+        return [r for r in found.values()
                 if selects(labels, (r.get("metadata") or {}).get("labels") or {})]
 
     def replica(self, name: str) -> Obj | None:
-        return self._replicas.items.get(name)
+        for inf in self._watched():
+            hit = inf.items.get(name)
+            if hit is not None:
+                return hit
+        parents = self._parents
+        if parents is not None and parents.synced.is_set():
+            return None
+        # A new parent's replica, not listed yet: asked for, or the round would take the
+        # parent for one without an export and log out of the old one before it has a new.
+        return super().replica(name)
 
     def cache(self, name: str) -> Obj | None:
         return self._caches.items.get(name)
