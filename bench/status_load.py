@@ -6,7 +6,10 @@ is replayed for some minutes: each replica's status patched (heartbeat, hydratio
 bytes from its parent) at --rate updates per minute in total, as N agents would. Measured:
 the rate the API server took, failed updates, the operator's resident memory over time (it
 watches every update), its own writes in response, and whether every replica is still there
-and still planned (no orphan, no re-plan storm).
+and still planned (no orphan, no re-plan storm). And what the agents' side reads: the watch
+events a few interior nodes' views (vmthunder.node.api.WatchedKube: own, children's, parents'
+replicas) receive, against a watch of every replica (what each agent had before) in the
+same run; an agent's events times N is the API server's fan-out to the agents.
 
     python bench/status_load.py [--nodes 500] [--rate 5000] [--minutes 3]
 """
@@ -22,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import yaml
@@ -30,7 +34,10 @@ from control_plane import operator_writes
 from vmthunder.kube import load_api_client
 from vmthunder.lab.controlplane import free_port, start_control_plane
 from vmthunder.lab.nodes import ZONE_LABEL, register_nodes
-from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, VERSION
+from vmthunder.node.api import Obj, WatchedKube
+from vmthunder.operator.informer import Informer
+from vmthunder.operator.model import GROUP, IMAGE_CACHES, IMAGE_REPLICAS, VERSION, resource_path
+from vmthunder.operator.planner import ORIGIN
 
 TARGET_RATE_PER_MIN = 5000
 MEMORY_GROWTH_LIMIT = 1.10  # the last sample against the first one after warm-up
@@ -41,6 +48,39 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class CountedView(WatchedKube):
+    """An agent's watched view that counts the replica events it receives."""
+
+    events = 0
+
+    def _replica_changed(self, old: Obj | None, new: Obj | None) -> None:
+        self.events += 1
+        super()._replica_changed(old, new)
+
+
+def agents_views(cp: Any, replicas: list[dict[str, Any]], k: int = 3
+                 ) -> tuple[list[CountedView], Informer[Obj], list[int]]:
+    """`k` interior nodes' views (they have a parent and children: the most an agent watches)
+    and one watch of every replica, all listed; returns them and the all-replica count box."""
+    parents = {r["spec"]["node"]: r["spec"]["parent"] for r in replicas}
+    interior = sorted({p for p in parents.values() if p != ORIGIN and parents.get(p) != ORIGIN})
+    views = [CountedView(cp.rest(), node) for node in interior[:k]]
+    for v in views:
+        v.start()
+    every = [0]
+
+    def count(old: Obj | None, new: Obj | None) -> None:
+        every[0] += 1
+
+    everything = Informer[Obj](cp.rest(), resource_path(IMAGE_REPLICAS), dict, count).start()
+    everything.synced.wait(60)
+    time.sleep(2)  # the views' parents' watches list too
+    for v in views:
+        v.events = 0
+    every[0] = 0
+    return views, everything, every
 
 
 def status_of(i: int, round_: int, regions: int) -> dict:
@@ -87,6 +127,8 @@ def main() -> int:
             names = [r["metadata"]["name"] for r in custom.list_cluster_custom_object(
                 GROUP, VERSION, IMAGE_REPLICAS)["items"]]
             parents0 = _parents(custom)
+            views, everything, every = agents_views(
+                cp, custom.list_cluster_custom_object(GROUP, VERSION, IMAGE_REPLICAS)["items"])
             writes0 = operator_writes(metrics)
             print(f"{a.nodes} replicas planned; replaying {a.rate} status updates a minute "
                   f"for {a.minutes:g} min", flush=True)
@@ -126,6 +168,9 @@ def main() -> int:
             took = time.monotonic() - t0
             samples.append((took, rss_mib(operator.pid)))
             time.sleep(3)  # let the operator finish what the last updates woke
+            scoped = [v.events / took * 60 for v in views]
+            unscoped = every[0] / took * 60
+            everything.stop()
             writes = operator_writes(metrics) - writes0
             left = custom.list_cluster_custom_object(GROUP, VERSION, IMAGE_REPLICAS)["items"]
             moved = sum(1 for n, par in _parents(custom).items() if parents0.get(n) != par)
@@ -146,6 +191,10 @@ def main() -> int:
           f"{'replicas':>9} {'re-parented':>12} {'RSS first':>10} {'RSS last':>9} {'growth':>7}")
     print(f"{sent:>8} {failed:>7} {rate:>8.0f} {writes:>16} {len(left):>9} {moved:>12} "
           f"{warm[0]:>10.1f} {warm[-1]:>9.1f} {growth:>7.3f}")
+    print(f"\nwatch events an agent reads per minute: {', '.join(f'{e:.0f}' for e in scoped)} "
+          f"(own, children's and parents' replicas; {len(scoped)} interior nodes) against "
+          f"{unscoped:.0f} watching every replica; for the {a.nodes} agents "
+          f"{a.nodes * max(scoped, default=0):.0f} against {a.nodes * unscoped:.0f} a minute")
     ok = (failed == 0 and rate >= 0.95 * a.rate and len(left) == a.nodes and moved == 0
           and growth <= MEMORY_GROWTH_LIMIT and alive)
     print(f"\ntargets: >= {0.95 * a.rate:.0f} updates/min taken, none failed, every replica kept "
