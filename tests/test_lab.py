@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -111,6 +112,16 @@ def test_chap_with_a_wrong_secret_is_refused(lab: Lab) -> None:
     assert t is not None
     with pytest.raises(GuestError, match="rc="):
         lab.nodes[2].iscsi_login(replace(t, chap_password="wrong-secret-123"), timeout=60)
+
+
+def test_a_guest_waits_for_a_file_itself_and_says_which_one_came(lab: Lab) -> None:
+    g = lab.nodes[1]
+    g.run("rm -f /tmp/w-a /tmp/w-b")
+    t0 = time.monotonic()
+    assert g.wait_for_any(["/tmp/w-a", "/tmp/w-b"], timeout=1.0) is None
+    assert time.monotonic() - t0 >= 1.0
+    g.start_background("sleep 1; touch /tmp/w-b")
+    assert g.wait_for_any(["/tmp/w-a", "/tmp/w-b"], timeout=30.0) == "/tmp/w-b"
 
 
 def test_poweroff_ends_the_guest_and_its_qemu_process(lab: Lab) -> None:

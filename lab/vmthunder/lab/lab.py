@@ -341,6 +341,12 @@ class Guest:
         }
         return int(self._call(req, 30)["pid"])
 
+    def wait_for_any(self, paths: Sequence[str], timeout: float) -> str | None:
+        """The first of `paths` found to exist in the guest within `timeout`, or None."""
+        res = self._call({"op": "wait", "paths": list(paths), "timeout": timeout},
+                         timeout + GRACE_S)
+        return None if res.get("found") is None else str(res["found"])
+
     def ping(self, timeout: float = 10) -> float:
         return float(self._call({"op": "ping"}, timeout)["uptime"])
 
