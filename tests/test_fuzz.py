@@ -189,7 +189,7 @@ def test_plan_replicas_over_odd_cluster_facts_writes_a_consistent_tree(
 
 
 def test_a_heartbeat_without_a_timezone_counts_as_utc() -> None:
-    beat = {"metadata": {"name": "img.a"},
+    beat = {"metadata": {"name": "img.a", "labels": {"vmthunder.io/parent": ""}},
             "spec": {"imageCache": "img", "node": "a", "parent": ORIGIN, "depth": 1},
             "status": {"phase": "Attached", "heartbeat": "2025-12-31T23:59:30"}}
     replica = ReplicaFacts.from_dict(beat)
@@ -441,9 +441,11 @@ def test_the_caches_status_carries_the_image_size_a_node_found_unless_the_spec_g
 
 def test_a_replica_without_its_parents_label_gets_it_and_nothing_moves() -> None:
     """An older operator's replicas carry no vmthunder.io/parent, by which agents watch their
-    children: the next plan writes it (spec unchanged), and only where it is missing or wrong."""
+    children: the next plan writes it (spec unchanged), where it is missing or wrong, also on
+    a replica kept out of the plan (its node not ready: it may still read through its parent,
+    and a parent lets in only the children it sees)."""
     spec = CacheSpec(fanout=2, origin_fanout=1, node_selector={})
-    nodes = [NodeFacts(n, True) for n in ("a", "b", "c")]
+    nodes = [NodeFacts(n, True) for n in ("a", "b", "c", "d", "e")] + [NodeFacts("f", False)]
     beat = NOW - timedelta(seconds=5)
 
     def replica(node: str, parent: str, depth: int, labels: dict[str, str]) -> ReplicaFacts:
@@ -452,11 +454,15 @@ def test_a_replica_without_its_parents_label_gets_it_and_nothing_moves() -> None
             "spec": {"imageCache": "img", "node": node, "parent": parent, "depth": depth},
             "status": {"phase": "Hydrating", "heartbeat": beat.isoformat()}})
 
-    replicas = [replica("a", ORIGIN, 1, {}),  # under the origin: no label is right
+    replicas = [replica("a", ORIGIN, 1, {}),  # missing: "" under the origin
                 replica("b", "a", 2, {}),  # missing
-                replica("c", "a", 2, {"vmthunder.io/parent": "b"})]  # wrong
+                replica("c", "a", 2, {"vmthunder.io/parent": "b"}),  # wrong
+                replica("d", "b", 3, {"vmthunder.io/parent": "b"}),  # right
+                replica("e", "b", 3, {"vmthunder.io/parent": "b"}),  # right
+                replica("f", "c", 3, {})]  # missing, not ready: kept where it is
     plan = plan_replicas("img", spec, nodes, replicas, set(), NOW)
-    assert {(u.node, u.parent, u.label) for u in plan.update} == {("b", "a", "a"),
-                                                                  ("c", "a", "a")}
+    assert {(u.node, u.parent, u.label) for u in plan.update} == {
+        ("a", ORIGIN, ""), ("b", "a", "a"), ("c", "a", "a")}
+    assert [(u.node, u.label) for u in plan.relabel] == [("f", "c")]
     assert plan.reparented == ()
     assert not plan.create and not plan.delete

@@ -41,6 +41,7 @@ from vmthunder.node.agent import (
     reinstate_backoff,
     session_states,
 )
+from vmthunder.node.api import ReplicaGone
 from vmthunder.node.cache import CacheState
 from vmthunder.node.hydrate import UNLIMITED, Hydrator, Upstream, hydration_order, upstream_of
 from vmthunder.node.iscsi import TargetAddress
@@ -616,7 +617,8 @@ def test_a_beat_writes_only_the_heartbeat_of_the_nodes_reported_live_replicas() 
 @pytest.mark.parametrize(("error", "reported"), [
     (ApiError(0, "PATCH ...: SSLEOFError"), False),  # the API server's hiccups
     (ApiError(503, "Service Unavailable"), False),
-    (ApiError(404, 'imagereplicas "img.b" not found'), False),  # deleted while the round ran
+    (ReplicaGone("img.b"), False),  # deleted while the round ran
+    (ApiError(404, 'secrets "golden-chap" not found'), True),  # a reference to nothing
     (ApiError(422, "status.phase: Unsupported value"), True),  # this agent's own fault
     (OSError(5, "Input/output error"), True),  # the kernel's
 ])

@@ -78,13 +78,14 @@ def test_an_event_about_a_replica_is_recorded(
 
 def test_the_watched_view_holds_the_nodes_own_its_childrens_and_its_parents_replicas_only(
         control_plane: ControlPlane) -> None:
-    """An agent watches by label, not every replica: what it sees follows a re-parent."""
+    """An agent watches by label, not every replica: what it sees follows a re-parent, and an
+    older operator's replica (no vmthunder.io/parent) is seen until it is labeled."""
     rest = control_plane.rest()
     image = f"w{uuid.uuid4().hex[:8]}"
 
-    def put(node: str, parent: str) -> None:
+    def put(node: str, parent: str, labeled: bool = True) -> None:
         labels = {LABEL_IMAGE_CACHE: image, LABEL_NODE: node,
-                  **({} if parent == ORIGIN else {LABEL_PARENT: parent})}
+                  **({LABEL_PARENT: "" if parent == ORIGIN else parent} if labeled else {})}
         rest.create(resource_path(IMAGE_REPLICAS), {
             "apiVersion": API_VERSION, "kind": "ImageReplica",
             "metadata": {"name": replica_name(image, node), "labels": labels},
@@ -93,19 +94,28 @@ def test_the_watched_view_holds_the_nodes_own_its_childrens_and_its_parents_repl
     for node, parent in [("n1", ORIGIN), ("n2", "n1"), ("n3", "n2"), ("n4", "n1"),
                          ("n9", "n7")]:
         put(node, parent)
+    put("n5", "n2", labeled=False)  # an older operator's child
     view = WatchedKube(rest, "n2").start()
+    try:
+        def seen() -> set[str]:
+            return {r["spec"]["node"] for r in view.replicas({LABEL_IMAGE_CACHE: image})}
 
-    def seen() -> set[str]:
-        return {r["spec"]["node"] for r in view.replicas({LABEL_IMAGE_CACHE: image})}
+        # its own, its children n3 and n5, its parent n1; not its sibling n4 nor the stranger
+        assert wait_for("the parent's replica", lambda: seen() == {"n1", "n2", "n3", "n5"})
+        assert view.replica(replica_name(image, "n1")) is not None
 
-    # its own, its child n3, its parent n1; not its sibling n4 nor the stranger n9
-    assert wait_for("the parent's replica", lambda: seen() == {"n1", "n2", "n3"})
-    assert view.replica(replica_name(image, "n1")) is not None
-    view.wake.clear()
-
-    rest.patch(resource_path(IMAGE_REPLICAS, replica_name(image, "n2")), {
-        "metadata": {"labels": {LABEL_PARENT: "n4"}}, "spec": {"parent": "n4"}})
-    assert wait_for("the new parent's replica", lambda: seen() == {"n2", "n3", "n4"})
-    assert view.wake.is_set()
-    assert view.replica(replica_name(image, "n1")) is None
-    assert view.replica(replica_name(image, "n4")) is not None
+        rest.patch(resource_path(IMAGE_REPLICAS, replica_name(image, "n2")), {
+            "metadata": {"labels": {LABEL_PARENT: "n4"}}, "spec": {"parent": "n4"}})
+        rest.patch(resource_path(IMAGE_REPLICAS, replica_name(image, "n5")), {
+            "metadata": {"labels": {LABEL_PARENT: "n2"}}})  # the operator labels it
+        assert wait_for("the new parent's replica", lambda: seen() == {"n2", "n3", "n4", "n5"})
+        assert view.replica(replica_name(image, "n4")) is not None
+        # the new parent's progress wakes the round (its children follow it batch by batch)
+        view.wake.clear()
+        rest.patch(resource_path(IMAGE_REPLICAS, replica_name(image, "n4"), "status"),
+                   {"status": {"hydratedInOrder": 64}})
+        assert wait_for("a wake", view.wake.is_set)
+        n4 = view.replica(replica_name(image, "n4"))
+        assert n4 is not None and n4["status"]["hydratedInOrder"] == 64
+    finally:
+        view.stop()

@@ -108,11 +108,11 @@ def assert_valid_tree(parents: dict[str, str], fanout: int) -> int:
 
 
 def assert_labeled_with_their_parents(replicas: dict[str, dict[str, Any]]) -> None:
-    """Agents watch their children by vmthunder.io/parent (none under the origin)."""
+    """Agents watch their children by vmthunder.io/parent ("" under the origin)."""
     for node, r in replicas.items():
         parent = r["spec"]["parent"]
         assert r["metadata"]["labels"].get("vmthunder.io/parent") == (
-            None if parent == ORIGIN else parent), node
+            "" if parent == ORIGIN else parent), node
 
 
 def test_every_node_gets_a_replica_with_a_valid_parent(cluster: Cluster) -> None:

@@ -36,7 +36,7 @@ from prometheus_client import start_http_server
 from vmthunder.kube import TIME_FORMAT, ApiError
 from vmthunder.node import blockdev, dm, iscsi, lio, metrics, names, stack
 from vmthunder.node import transport as transports
-from vmthunder.node.api import Kube, WatchedKube
+from vmthunder.node.api import Kube, ReplicaGone, WatchedKube
 from vmthunder.node.cache import VOLUME_HEADROOM, CacheBackend, CacheState, make_backend
 from vmthunder.node.hydrate import Hydrator, Upstream, parse_profile, plan_prefetch, upstream_of
 from vmthunder.node.iscsi import Chap, TargetAddress
@@ -462,7 +462,7 @@ class Agent:
                     # back (N = 16, 2026-12-07). The next round, seconds away, writes it.
                     log.warning("replica %s: %s; again next round", r["metadata"]["name"], e)
                     continue
-                if isinstance(e, ApiError) and e.status == 404:
+                if isinstance(e, ReplicaGone):
                     # Deleted while the round ran (its ImageCache went): no status to write,
                     # and the next round's sweep removes its stack.
                     log.info("replica %s deleted meanwhile", r["metadata"]["name"])

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from vmthunder.kube import TIME_FORMAT, Rest, core_path
+from vmthunder.kube import TIME_FORMAT, ApiError, Rest, core_path
 from vmthunder.node.iscsi import Chap
 from vmthunder.operator.informer import Informer
 from vmthunder.operator.model import (
@@ -35,6 +35,10 @@ EVENTS_NAMESPACE = "default"  # where Events about cluster-scoped ImageReplicas 
 SECRET_TTL_SECONDS = 30.0  # a rotated CHAP secret is picked up within this
 Obj = dict[str, Any]
 log = logging.getLogger("vmthunder.agent")
+
+
+class ReplicaGone(Exception):
+    """The replica whose status was written no longer exists (its ImageCache or node went)."""
 
 
 class Kube:
@@ -74,8 +78,13 @@ class Kube:
         return str((cm.get("data") or {}).get("profile", "")) or None
 
     def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
-        self.rest.patch(resource_path(IMAGE_REPLICAS, name, "status"),
-                        {"status": dict(status)})
+        try:
+            self.rest.patch(resource_path(IMAGE_REPLICAS, name, "status"),
+                            {"status": dict(status)})
+        except ApiError as e:
+            if e.status == 404:
+                raise ReplicaGone(name) from e
+            raise
 
     def event(self, replica: Mapping[str, Any], kind: str, reason: str, message: str,
               source: str) -> None:
@@ -125,7 +134,9 @@ class WatchedKube(Kube):
     """The replicas this node acts on, each kind watched by its labels: its own
     (vmthunder.io/node), its children's (vmthunder.io/parent) and its parents' (their nodes',
     re-watched when its parents change). Watching every replica instead had each of N agents
-    read every other's status writes: N² events for N nodes' work."""
+    read every other's status writes: N² events for N nodes' work. Replicas without
+    vmthunder.io/parent (an older operator's, until the operator labels them) are watched
+    apart: a child missing from the view would lose its ACL, and with it its session."""
 
     def __init__(self, rest: Rest, node: str) -> None:
         super().__init__(rest)
@@ -135,8 +146,9 @@ class WatchedKube(Kube):
         self._secrets: dict[tuple[str, str], tuple[float, Chap | None]] = {}
         self._own = self._replicas_labeled(f"{LABEL_NODE}={node}")
         self._children = self._replicas_labeled(f"{LABEL_PARENT}={node}")
-        self._parents: Informer[Obj] | None = None
-        self._parent_nodes: frozenset[str] = frozenset()
+        self._unlabeled = self._replicas_labeled(f"!{LABEL_PARENT}")
+        # The parents' nodes and the watch of their replicas, swapped together.
+        self._parents: tuple[frozenset[str], Informer[Obj] | None] = (frozenset(), None)
         self._parents_lock = threading.Lock()
         self._caches = Informer[Obj](rest, resource_path(IMAGE_CACHES),
                                      dict, lambda old, new: self.wake.set())
@@ -148,12 +160,19 @@ class WatchedKube(Kube):
     def start(self) -> WatchedKube:
         """Starts the watches and returns once they have listed. Never sooner: a round on
         empty lists would take this node's replicas for deleted and tear their stacks down."""
-        for inf in (self._own, self._children, self._caches):
+        fixed = (self._own, self._children, self._unlabeled, self._caches)
+        for inf in fixed:
             inf.start()
-        for inf in (self._own, self._children, self._caches):
+        for inf in fixed:
             while not inf.synced.wait(30):
                 log.warning("still waiting for the first listing of %s", inf.name)
+        self._follow_parents()
         return self
+
+    def stop(self) -> None:
+        for inf in (self._own, self._children, self._unlabeled, self._caches, self._parents[1]):
+            if inf is not None:
+                inf.stop()
 
     def _replica_changed(self, old: Obj | None, new: Obj | None) -> None:
         obj = new or old
@@ -165,8 +184,10 @@ class WatchedKube(Kube):
                 self._mine.pop(name, None)
             else:
                 self._mine[name] = new
-            self._follow_parents()
-        if concerns(self.node, self._mine, old, new):
+            if self._own.synced.is_set():  # the first listing: once, from start()
+                self._follow_parents()
+        # A copy: the own watch's thread changes _mine while the others' read it here.
+        if concerns(self.node, dict(self._mine), old, new):
             self.wake.set()
 
     def _follow_parents(self) -> None:
@@ -174,17 +195,19 @@ class WatchedKube(Kube):
         wanted = frozenset(str(p) for r in list(self._mine.values())
                            if (p := (r.get("spec") or {}).get("parent")) not in (None, ORIGIN))
         with self._parents_lock:
-            if wanted == self._parent_nodes:
+            nodes, old = self._parents
+            if wanted == nodes:
                 return
-            old, self._parent_nodes = self._parents, wanted
-            self._parents = (self._replicas_labeled(f"{LABEL_NODE} in ({','.join(sorted(wanted))})")
-                             .start() if wanted else None)
+            selector = f"{LABEL_NODE} in ({','.join(sorted(wanted))})"
+            self._parents = (wanted,
+                             self._replicas_labeled(selector).start() if wanted else None)
         if old is not None:
             old.stop()  # its items are no longer read; its thread ends with its watch
 
     def _watched(self) -> list[Informer[Obj]]:
-        parents = self._parents
-        return [self._own, self._children, *([parents] if parents is not None else [])]
+        parents = self._parents[1]
+        return [self._own, self._children, self._unlabeled,
+                *([parents] if parents is not None else [])]
 
     def replicas(self, labels: Mapping[str, str]) -> list[Obj]:
         found: dict[str, Obj] = {}
@@ -194,15 +217,13 @@ class WatchedKube(Kube):
                 if selects(labels, (r.get("metadata") or {}).get("labels") or {})]
 
     def replica(self, name: str) -> Obj | None:
+        """A parent's replica. Not in the view, it is asked for: right after a re-parent the
+        new parent's watch may not have listed yet, and a round that took the new parent for
+        one without an export would log out of the old one before it has a new one."""
         for inf in self._watched():
             hit = inf.items.get(name)
             if hit is not None:
                 return hit
-        parents = self._parents
-        if parents is not None and parents.synced.is_set():
-            return None
-        # A new parent's replica, not listed yet: asked for, or the round would take the
-        # parent for one without an export and log out of the old one before it has a new.
         return super().replica(name)
 
     def cache(self, name: str) -> Obj | None:

@@ -187,7 +187,7 @@ def _replicas_as_written(
             if (r.parent, r.depth) == mine:
                 del written[r.node]  # the watch caught up
             else:
-                r = replace(r, parent=mine[0], depth=mine[1])
+                r = replace(r, parent=mine[0], depth=mine[1], labeled=True)  # one write
         result.append(r)
     deleted -= seen_deleted  # gone from the index: the deletion is seen
     present = {r.node for r in result}

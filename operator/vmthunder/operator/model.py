@@ -25,8 +25,8 @@ def resource_path(plural: str, name: str | None = None, subresource: str | None 
 
 LABEL_IMAGE_CACHE: Final = "vmthunder.io/image-cache"
 LABEL_NODE: Final = "vmthunder.io/node"
-# The replica's parent node (absent under the origin): an agent watches its children by it
-# instead of every replica in the cluster.
+# The replica's parent node ("" under the origin): an agent watches its children by it instead
+# of every replica in the cluster, and the replicas of an older operator, without it, apart.
 LABEL_PARENT: Final = "vmthunder.io/parent"
 
 # Phases of a replica, in the order a node goes through them.
@@ -134,9 +134,10 @@ class ReplicaFacts:
         )
 
 
-def parent_label(parent: str) -> str | None:
-    """LABEL_PARENT's value for a replica under `parent` (a node name, or the origin: none)."""
-    return None if parent == ORIGIN else parent
+def parent_label(parent: str) -> str:
+    """LABEL_PARENT's value for a replica under `parent`: the node's name, "" under the origin
+    (ORIGIN is no valid label value)."""
+    return "" if parent == ORIGIN else parent
 
 
 def _utc(t: datetime) -> datetime:

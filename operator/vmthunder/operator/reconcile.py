@@ -35,7 +35,7 @@ class ReplicaSpec:
     depth: int
 
     @property
-    def label(self) -> str | None:
+    def label(self) -> str:
         """Its LABEL_PARENT."""
         return parent_label(self.parent)
 
@@ -83,10 +83,12 @@ class ReplicaPlan:
     recheck_at: datetime | None = None
     # Nodes judged gone (node -> their heartbeat then), for the next plan: see plan_replicas.
     lost: Mapping[str, datetime | None] = field(default_factory=dict)
+    # Replicas kept out of the plan that lack their vmthunder.io/parent: only labeled.
+    relabel: tuple[ReplicaSpec, ...] = ()
 
     @property
     def writes(self) -> int:
-        return len(self.create) + len(self.update) + len(self.delete)
+        return len(self.create) + len(self.update) + len(self.delete) + len(self.relabel)
 
 
 def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
@@ -199,12 +201,16 @@ def plan_replicas(
         )
     placements = plan_tree(states, spec.fanout, spec.origin_fanout)
 
-    create, update, reparented = [], [], []
+    create, update, reparented, relabel = [], [], [], []
     for name in members:
         placement = placements.get(name)
         replica = current.get(name)
         if placement is None:
-            continue  # not ready or unhealthy: keep its replica as it is until it recovers
+            # Not ready or unhealthy: its replica stays as it is until it recovers, but gets
+            # its label (it may still read through its parent, who lets in labeled children).
+            if replica is not None and not replica.labeled:
+                relabel.append(ReplicaSpec(replica.name, name, replica.parent, replica.depth))
+            continue
         desired = ReplicaSpec(
             replica_name(cache_name, name), name, placement.parent, placement.depth)
         if replica is None:
@@ -222,7 +228,7 @@ def plan_replicas(
         spec.size_bytes,
     )
     return ReplicaPlan(tuple(create), tuple(update), tuple(delete), tuple(reparented), status,
-                       min(deadlines, default=None), still_lost)
+                       min(deadlines, default=None), still_lost, tuple(relabel))
 
 
 def aggregate_status(

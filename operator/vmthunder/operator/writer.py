@@ -58,6 +58,7 @@ class ReplicaWriter:
         }
         jobs = [self._create(cache, r, owner_ref) for r in plan.create]
         jobs += [self._set_parent(r) for r in plan.update]
+        jobs += [self._label(r) for r in plan.relabel]
         jobs += [self._delete(name) for name in plan.delete]
         await asyncio.gather(*jobs)
 
@@ -67,8 +68,7 @@ class ReplicaWriter:
             "kind": "ImageReplica",
             "metadata": {
                 "name": r.name,
-                "labels": {LABEL_IMAGE_CACHE: cache, LABEL_NODE: r.node,
-                           **({} if r.label is None else {LABEL_PARENT: r.label})},
+                "labels": {LABEL_IMAGE_CACHE: cache, LABEL_NODE: r.node, LABEL_PARENT: r.label},
                 "ownerReferences": [owner_ref],
             },
             "spec": {"imageCache": cache, "node": r.node, "parent": r.parent, "depth": r.depth},
@@ -89,8 +89,17 @@ class ReplicaWriter:
         await self._run(
             lambda: self.api.patch_cluster_custom_object(
                 GROUP, VERSION, IMAGE_REPLICAS, r.name,
-                {"metadata": {"labels": {LABEL_PARENT: r.label}},  # None removes it
+                {"metadata": {"labels": {LABEL_PARENT: r.label}},
                  "spec": {"parent": r.parent, "depth": r.depth}}, _preload_content=False,
+            )
+        )
+
+    async def _label(self, r: ReplicaSpec) -> None:
+        API_WRITES.labels("patch").inc()
+        await self._run(
+            lambda: self.api.patch_cluster_custom_object(
+                GROUP, VERSION, IMAGE_REPLICAS, r.name,
+                {"metadata": {"labels": {LABEL_PARENT: r.label}}}, _preload_content=False,
             )
         )
 
