@@ -85,21 +85,17 @@ class ReplicaWriter:
                 raise
 
     async def _set_parent(self, r: ReplicaSpec) -> None:
-        API_WRITES.labels("patch").inc()
-        await self._run(
-            lambda: self.api.patch_cluster_custom_object(
-                GROUP, VERSION, IMAGE_REPLICAS, r.name,
-                {"metadata": {"labels": {LABEL_PARENT: r.label}},
-                 "spec": {"parent": r.parent, "depth": r.depth}}, _preload_content=False,
-            )
-        )
+        await self._patch(r.name, {"metadata": {"labels": {LABEL_PARENT: r.label}},
+                                   "spec": {"parent": r.parent, "depth": r.depth}})
 
     async def _label(self, r: ReplicaSpec) -> None:
+        await self._patch(r.name, {"metadata": {"labels": {LABEL_PARENT: r.label}}})
+
+    async def _patch(self, name: str, body: dict[str, Any]) -> None:
         API_WRITES.labels("patch").inc()
         await self._run(
             lambda: self.api.patch_cluster_custom_object(
-                GROUP, VERSION, IMAGE_REPLICAS, r.name,
-                {"metadata": {"labels": {LABEL_PARENT: r.label}}}, _preload_content=False,
+                GROUP, VERSION, IMAGE_REPLICAS, name, body, _preload_content=False,
             )
         )
 
