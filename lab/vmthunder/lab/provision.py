@@ -939,7 +939,8 @@ def wait_boot(g: Guest, tag: str, timeout: float, setup: str | None = None) -> d
     """The JSON line of the replay running detached as `tag` (also on a failed read). A failure
     of the script running detached as `setup` (the one that gives the replayer its go) ends
     the wait too. The guest waits for the files itself (Guest.wait_for_any): polling them
-    with a command twice a second took a tenth of each guest's CPU from what is measured."""
+    with a command twice a second took CPU from what is measured (VMThunder with prefetch
+    at N = 8: 207.9 s with it, 133.1 s without, 2026-12-07)."""
     deadline = time.monotonic() + timeout
     setup_done = setup is None
     while True:

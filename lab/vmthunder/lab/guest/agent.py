@@ -136,7 +136,7 @@ def spawn(req: dict[str, Any]) -> dict[str, Any]:
 
 def wait(req: dict[str, Any]) -> dict[str, Any]:
     """Until one of the paths exists: a stat each 0.2 s, where the host polling with `run`
-    forked a shell and a cat in the guest each time (a tenth of a TCG guest's CPU)."""
+    forked a shell and a cat in the guest each time."""
     deadline = time.monotonic() + float(req.get("timeout") or 0)
     while True:
         for path in req["paths"]:
