@@ -11,12 +11,11 @@ from typing import Any
 import pytest
 from waiting import wait_for
 
-from vmthunder.kube import ApiError
+from vmthunder.kube import TIME_FORMAT, ApiError
 from vmthunder.node import dm, names, stack
 from vmthunder.node.agent import (
     CACHE_CONDITION,
     HEARTBEAT_SECONDS,
-    INITIATOR_CONDITION,
     PROGRESS_SECONDS,
     REINSTATE_BACKOFF_MAX,
     RESYNC_SECONDS,
@@ -25,6 +24,7 @@ from vmthunder.node.agent import (
     Converged,
     Report,
     children_initiators,
+    children_prefetching,
     known_size,
     parent_address,
     parent_admits,
@@ -41,7 +41,7 @@ from vmthunder.node.agent import (
     reinstate_backoff,
     session_states,
 )
-from vmthunder.node.api import ReplicaGone
+from vmthunder.node.api import INITIATOR_CONDITION, ReplicaGone
 from vmthunder.node.cache import CacheState
 from vmthunder.node.hydrate import UNLIMITED, Hydrator, Upstream, hydration_order, upstream_of
 from vmthunder.node.iscsi import TargetAddress
@@ -386,6 +386,41 @@ def test_each_prefetch_batch_wakes_the_agent_to_report_what_the_children_may_fol
     finally:
         h.stop()
         h.join(5)
+
+
+def test_background_waits_while_a_child_prefetches_and_goes_on_after() -> None:
+    total = 1000
+    be = RecordingBackend(total)
+    h = Hydrator("img", be, size=total * 65536, region_bytes=65536,  # type: ignore[arg-type]
+                 profile=list(range(100)), queue_depth=8, throttle=0)
+    h._stats = lambda name: None  # type: ignore[method-assign]  # no dm-stats here
+    h.children_prefetching = True
+    h.start()
+    try:
+        wait_for("the prefetch", lambda: h.hydrated_in_order == 100, timeout=10)
+        time.sleep(1.2)  # two pacing steps: the prefetch goes on, the background does not
+        assert h.hydrated_in_order == 100 and be.hydrated == list(range(100))
+        h.children_prefetching = False
+        wait_for("the background walk", lambda: h.hydrated_in_order == total, timeout=10)
+    finally:
+        h.stop()
+        h.join(5)
+
+
+def test_a_child_counts_as_prefetching_until_its_hold_deadline_only() -> None:
+    now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+    def replica(parent: str, phase: str, until: datetime | None) -> dict[str, Any]:
+        return {"spec": {"parent": parent}, "status": {
+            "phase": phase, "holdUntil": until.strftime(TIME_FORMAT) if until else None}}
+
+    later, earlier = now + timedelta(seconds=30), now - timedelta(seconds=1)
+    assert children_prefetching("a", [replica("a", "Prefetching", later)], now)
+    assert not children_prefetching("a", [replica("a", "Prefetching", earlier)], now)  # dead?
+    assert not children_prefetching("a", [replica("b", "Prefetching", later)], now)  # not ours
+    assert not children_prefetching("a", [replica("a", "Hydrating", later)], now)
+    assert not children_prefetching("a", [replica("a", "Prefetching", None)], now)
+    assert not children_prefetching("a", [{"spec": {"parent": "a"}}], now)  # no status yet
 
 
 class ProfileKube:

@@ -37,3 +37,17 @@ def test_a_round_wakes_for_its_own_spec_its_children_and_its_parent_not_for_stra
     assert not concerns("n2", index, None, replica("golden", "n4", "n1", phase="Attached"))
     assert not concerns("n2", index, None, replica("other", "n1", "@origin", phase="Attached"))
     assert not concerns("n2", index, None, replica("golden", "n9", "n7", phase="Attached"))
+
+
+def test_a_childs_progress_does_not_wake_its_parent_but_its_initiator_and_prefetch_do() -> None:
+    index = {"golden.n2": replica("golden", "n2", "n1")}
+    child = replica("golden", "n3", "n2", phase="Hydrating", hydratedRegions=10)
+    progressed = replica("golden", "n3", "n2", phase="Hydrating", hydratedRegions=20,
+                         bytesFromParent=1 << 20)
+    assert not concerns("n2", index, child, progressed)
+    initiator = [{"type": "Initiator", "status": "True", "message": "iqn.2026-12.io:n3"}]
+    assert concerns("n2", index, child, replica("golden", "n3", "n2", phase="Hydrating",
+                                                hydratedRegions=10, conditions=initiator))
+    assert concerns("n2", index, child, replica("golden", "n3", "n2", phase="Prefetching",
+                                                holdUntil="2026-12-07T12:00:00Z"))
+    assert concerns("n2", index, child, None)

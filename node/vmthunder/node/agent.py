@@ -36,7 +36,7 @@ from prometheus_client import start_http_server
 from vmthunder.kube import TIME_FORMAT, ApiError
 from vmthunder.node import blockdev, dm, iscsi, lio, metrics, names, stack
 from vmthunder.node import transport as transports
-from vmthunder.node.api import Kube, ReplicaGone, WatchedKube
+from vmthunder.node.api import INITIATOR_CONDITION, Kube, ReplicaGone, WatchedKube
 from vmthunder.node.cache import VOLUME_HEADROOM, CacheBackend, CacheState, make_backend
 from vmthunder.node.hydrate import Hydrator, Upstream, parse_profile, plan_prefetch, upstream_of
 from vmthunder.node.iscsi import Chap, TargetAddress
@@ -50,7 +50,6 @@ from vmthunder.operator.model import (
 )
 
 log = logging.getLogger("vmthunder.agent")
-INITIATOR_CONDITION = "Initiator"
 DEFAULT_REGION = 65536
 MIN_ROUND_GAP = 0.5  # seconds from one round's start to the next
 DEFAULT_IDLE_SECONDS = 2.0  # the CRD's default for spec.hydration.idleSeconds
@@ -113,6 +112,23 @@ def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tup
             if c.get("type") == INITIATOR_CONDITION and c.get("message"):
                 out.append(str(c["message"]))
     return tuple(sorted(set(out)))
+
+
+def children_prefetching(node: str, replicas: Sequence[Mapping[str, Any]],
+                         now: datetime) -> bool:
+    """Whether a child of `node` (among one image's replicas) holds its volumes for its
+    prefetch, as its status says, until its holdUntil: a dead child stops counting then."""
+    for r in replicas:
+        st = r.get("status") or {}
+        if (r.get("spec") or {}).get("parent") != node or st.get("phase") != "Prefetching":
+            continue
+        try:
+            until = datetime.strptime(str(st.get("holdUntil")), TIME_FORMAT).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        if until > now:
+            return True
+    return False
 
 
 def plan_phase(cache: CacheState, has_parent: bool, hydrated_in_order: int,
@@ -596,6 +612,8 @@ class Agent:
         upstream = upstream_of(spec.get("parent") == names.ORIGIN, parent_status)
         # The prefetch (and the volumes' hold with it) starts once there is a parent to read.
         h = self._hydrator(image, cache, cspec, size, region, bool(attached), upstream)
+        if h is not None:
+            h.children_prefetching = children_prefetching(self.node, siblings, datetime.now(UTC))
         c = stack.counters(image)
         if counted is not None:
             c = stack.Counters(max(c.bytes_from_parent, counted.bytes_from_parent),

@@ -34,6 +34,8 @@ from vmthunder.operator.reconcile import selects
 EVENTS_NAMESPACE = "default"  # where Events about cluster-scoped ImageReplicas live
 SECRET_TTL_SECONDS = 30.0  # a rotated CHAP secret is picked up within this
 Obj = dict[str, Any]
+# The condition in which a replica names its node's iSCSI initiator (its parent lets it in).
+INITIATOR_CONDITION = "Initiator"
 log = logging.getLogger("vmthunder.agent")
 
 
@@ -109,8 +111,10 @@ def image_and_node(replica: Mapping[str, Any]) -> tuple[str, str]:
 
 def concerns(node: str, mine: Mapping[str, Obj], old: Obj | None, new: Obj | None) -> bool:
     """Whether a change of a replica is news to `node`'s agent: one of its own, but not its
-    status (the agent writes that itself), a child's (its initiator name goes into our
-    ACLs), or its parent's (export address, progress)."""
+    status (the agent writes that itself), a child's place, initiator name (it goes into our
+    ACLs) or prefetch (our background walk waits for it), but not a child's progress (a
+    round for each would cost a parent a round per child every few seconds), or its
+    parent's (export address, progress: the walk follows it)."""
     replica = new or old
     if replica is None:
         return False
@@ -118,7 +122,7 @@ def concerns(node: str, mine: Mapping[str, Obj], old: Obj | None, new: Obj | Non
     if owner == node:
         return old is None or new is None or _wanted(old) != _wanted(new)
     if (replica.get("spec") or {}).get("parent") == node:
-        return True
+        return old is None or new is None or _as_child(old) != _as_child(new)
     return any(image_and_node(m)[0] == image and (m.get("spec") or {}).get("parent") == owner
                for m in mine.values())
 
@@ -126,6 +130,13 @@ def concerns(node: str, mine: Mapping[str, Obj], old: Obj | None, new: Obj | Non
 def _wanted(replica: Mapping[str, Any]) -> tuple[Any, ...]:
     meta = replica.get("metadata") or {}
     return replica.get("spec"), meta.get("labels"), meta.get("deletionTimestamp")
+
+
+def _as_child(replica: Mapping[str, Any]) -> tuple[Any, ...]:
+    status = replica.get("status") or {}
+    initiators = [c.get("message") for c in status.get("conditions") or []
+                  if c.get("type") == INITIATOR_CONDITION]
+    return _wanted(replica), initiators, status.get("phase"), status.get("holdUntil")
 
 
 # --- the watched view ---------------------------------------------------------------------------

@@ -5,7 +5,9 @@ ahead of its children. The background part yields to this node's VMs and to what
 reads from its parent: while they read, it waits, since in a boot storm the CPU and the
 parent's link are what the boots need. It does not yield to children reading what it holds
 (over its link to them, not its link to its parent): yielding to them made a tree hydrate in
-lock-step (a batch here, then the children's pull of it, then 2 s of quiet).
+lock-step (a batch here, then the children's pull of it, then 2 s of quiet). It does yield
+while a child is prefetching, its volumes held until then: that pull is a boot's, bounded
+by the child's hold, and the background walk took the CPU and the link it needed.
 """
 
 from __future__ import annotations
@@ -198,6 +200,8 @@ class Hydrator(threading.Thread):
         self.queue_depth = queue_depth
         self.throttle = throttle
         self.upstream = upstream
+        # Kept current by the agent: a child prefetches from us, its volumes waiting for it.
+        self.children_prefetching = False
         self.quiet = QuietGate(idle_seconds)
         self.hold_until = hold_until  # time.monotonic()'s clock
         # After each prefetch batch: the agent reports at once, as the children follow what
@@ -267,7 +271,7 @@ class Hydrator(threading.Thread):
             done = self.hydrated_in_order
             prefetching = done < len(self.profile)
             quiet = self._quiet(name)  # looked at while prefetching too, to know the reads then
-            if not prefetching and not quiet:
+            if not prefetching and (not quiet or self.children_prefetching):
                 self.stopping.wait(0.5)
                 continue
             if done >= len(order):
@@ -288,6 +292,8 @@ class Hydrator(threading.Thread):
             self.hydrated_in_order = end
             if prefetching and end >= len(self.profile):
                 self.prefetch_seconds = time.monotonic() - t0
+                log.info("%s: boot profile prefetched, %d regions in %.1f s", self.image,
+                         len(self.profile), self.prefetch_seconds)
             if prefetching:
                 self.on_progress()
             if not prefetching and self.throttle:
