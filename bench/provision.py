@@ -225,7 +225,9 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
     try:
         runs: dict[str, Run] = {}
         order = [m for m in ("local", *MODES[:-1], NO_HOLD, *CHECKS) if m in a.modes]
+        logs = a.out.with_name(f"{a.out.stem}-n{n}-logs")
         for mode in order:
+            cpu = rig.cpu_mark()
             t1 = time.monotonic()
             cleanup = ""  # the ImageCache a VMThunder mode leaves to delete
             if mode == "copy-first" and n > a.copy_max_n:
@@ -269,6 +271,7 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
                 print(f"  boot timeout {timeout:.0f} s", flush=True)
             print(f"  {mode} done in {time.monotonic() - t1:.0f} s", flush=True)
             print_table(rows[-1:], rig.profile.image_size)
+            rig.save_cpu_since(cpu, logs, mode)  # each guest's CPU in this mode, per process
             if cleanup:  # after the figures are kept: a failed cleanup loses no measurement
                 try:
                     rig.delete_volumes_and_cache(cleanup)
@@ -277,7 +280,7 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
                           flush=True)
     finally:
         try:  # each process's log and each guest's CPU per process: where the time went
-            rig.save_logs(a.out.with_name(f"{a.out.stem}-n{n}-logs"))
+            rig.save_logs(logs)
         finally:
             rig.close()
 

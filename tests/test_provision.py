@@ -21,6 +21,7 @@ from vmthunder.lab.provision import (
     Options,
     Rig,
     Run,
+    cpu_table,
     percentile,
     summarize,
     tree_problems,
@@ -49,6 +50,21 @@ def test_summary_counts_unbooted_and_mismatched_nodes() -> None:
     assert (s["booted"], s["read_errors"], s["sha_mismatches"]) == (2, 1, 1)
     assert s["all_booted"] == 9.0 and s["mean_boot"] == 5.5
     assert "all_hydrated" not in s
+
+
+def test_a_cpu_table_since_a_mark_counts_what_each_process_spent_after_it() -> None:
+    def stat(pid: int, name: str, user: int, system: int) -> str:
+        return f"{pid} ({name}) S " + " ".join(["0"] * 10) + f" {user} {system} 0 0"
+
+    mark = "\n".join(["100", stat(7, "python3", 500, 100), stat(9, "sh", 50, 50),
+                      "7 python -m vmthunder.cli agent"])
+    now = "\n".join(["100", stat(7, "python3", 800, 150), stat(9, "dd", 20, 10),
+                     stat(12, "iscsid", 40, 0), "7 python -m vmthunder.cli agent"])
+    rows = [line.split(None, 3) for line in cpu_table(now, since=mark).splitlines()[1:]]
+    # the agent: its 3.5 s since the mark; pid 9 reused by dd, and new iscsid: all theirs
+    assert rows == [["3.0", "0.5", "7", "python -m vmthunder.cli agent"],
+                    ["0.4", "0.0", "12", "iscsid"], ["0.2", "0.1", "9", "dd"]]
+    assert cpu_table(now).splitlines()[1].split()[:2] == ["8.0", "1.5"]
 
 
 @pytest.fixture(scope="module")

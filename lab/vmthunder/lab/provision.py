@@ -557,9 +557,28 @@ class Rig:
                     r = g.run(f"cat /tmp/{log}.log", timeout=60)
                     (folder / f"{g.name}-{log}.log").write_text(r.stdout)
             with contextlib.suppress(Exception):  # where each guest's CPU went (user, system)
-                r = g.run("getconf CLK_TCK; for s in /proc/[0-9]*/stat; do cat $s; echo; done; "
-                          "ps -e -o pid,args", timeout=60)
-                (folder / f"{g.name}-cpu.txt").write_text(cpu_table(r.stdout))
+                (folder / f"{g.name}-cpu.txt").write_text(cpu_table(g.run(CPU_COMMAND,
+                                                                          timeout=60).stdout))
+
+    def cpu_mark(self) -> dict[str, str]:
+        """Each guest's CPU per process now, for `save_cpu_since`: the guests' CPU in one
+        mode, apart from the lab's bring-up and the other modes."""
+        guests = [*self.lab.nodes, *([self.lab.origin] if self.lab.origin else [])]
+
+        def one(g: Guest) -> str:
+            try:
+                return str(g.run(CPU_COMMAND, timeout=60).stdout)
+            except Exception:  # the lab's GuestError: a mark lost costs one table, no run
+                return ""
+
+        return dict(zip((g.name for g in guests), in_parallel(one, guests), strict=True))
+
+    def save_cpu_since(self, mark: Mapping[str, str], folder: Path, tag: str) -> None:
+        """`{guest}-cpu-{tag}.txt` in `folder`: each guest's CPU per process since `mark`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, now in self.cpu_mark().items():
+            if now and mark.get(name):
+                (folder / f"{name}-cpu-{tag}.txt").write_text(cpu_table(now, since=mark[name]))
 
     # --- clients ---
 
@@ -859,22 +878,41 @@ class Rig:
         in_parallel(gone, self.lab.nodes)
 
 
-def cpu_table(text: str) -> str:
-    """The CPU seconds (user, system) of a guest's processes, from `getconf CLK_TCK`, every
-    /proc/PID/stat and `ps -e -o pid,args`, most first (kernel threads too)."""
+# A guest's CPU per process: the clock's ticks, every /proc/PID/stat, every command line.
+CPU_COMMAND = ("getconf CLK_TCK; for s in /proc/[0-9]*/stat; do cat $s; echo; done; "
+               "ps -e -o pid,args")
+
+
+def _cpu_ticks(text: str) -> tuple[int, dict[str, tuple[int, int, str]], dict[str, str]]:
+    """CPU_COMMAND's output: ticks a second, (user, system, name) and arguments by pid."""
     lines = text.splitlines()
     hz = int(lines[0]) if lines and lines[0].isdigit() else 100
+    ticks: dict[str, tuple[int, int, str]] = {}
     args: dict[str, str] = {}
-    rows = []
     for line in lines[1:]:
         if ") " in line and line.split(" ", 1)[0].isdigit():
             pid = line.split(" ", 1)[0]
             name = line[line.index("(") + 1:line.rindex(")")]
             f = line[line.rindex(")") + 2:].split()
-            rows.append((int(f[11]) / hz, int(f[12]) / hz, pid, name))
+            ticks[pid] = (int(f[11]), int(f[12]), name)
         elif line.strip() and line.split(None, 1)[0].isdigit():
             pid, _, rest = line.strip().partition(" ")
             args[pid] = rest.strip()
+    return hz, ticks, args
+
+
+def cpu_table(text: str, since: str | None = None) -> str:
+    """The CPU seconds (user, system) of a guest's processes, most first (kernel threads
+    too), from CPU_COMMAND's output; with `since` (an earlier output), only what was spent
+    after it (a pid that is new since then counts whole)."""
+    hz, ticks, args = _cpu_ticks(text)
+    before = _cpu_ticks(since)[1] if since is not None else {}
+    rows = []
+    for pid, (user, system, name) in ticks.items():
+        u0, s0, name0 = before.get(pid, (0, 0, name))
+        if name0 != name:  # the pid was reused
+            u0 = s0 = 0
+        rows.append(((user - u0) / hz, (system - s0) / hz, pid, name))
     rows.sort(key=lambda r: -(r[0] + r[1]))
     out = [f"{'user s':>8} {'sys s':>8} {'pid':>6}  command"]
     out += [f"{u:8.1f} {st:8.1f} {pid:>6}  {args.get(pid, name)[:150]}"
