@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from dataclasses import dataclass
@@ -58,10 +59,24 @@ def mounted_at(path: str) -> MountInfo | None:
     return found
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+
+
+def _call(argv: list[str], result: int) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise MountError(argv, errno, os.strerror(errno))
+
+
 def bind(source: str, target: str, readonly: bool = False) -> None:
-    run(["mount", "--bind", source, target], MountError)
+    """A bind mount by the syscall: no mount(8) process (a second of a busy emulated guest,
+    which a VM waits for at every publish)."""
+    _call(["mount", "--bind", source, target],
+          _libc.mount(source.encode(), target.encode(), None, MS_BIND, None))
     if readonly:
-        run(["mount", "-o", "remount,bind,ro", target], MountError)
+        _call(["mount", "-o", "remount,bind,ro", target],
+              _libc.mount(None, target.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None))
 
 
 def mount(device: str, target: str, fstype: str, options: list[str], readonly: bool) -> None:
@@ -73,7 +88,7 @@ def mount(device: str, target: str, fstype: str, options: list[str], readonly: b
 
 
 def umount(target: str) -> None:
-    run(["umount", target], MountError)
+    _call(["umount", target], _libc.umount2(target.encode(), 0))
 
 
 def signatures(device: str) -> dict[str, str]:
