@@ -479,11 +479,14 @@ class Rig:
     def start_csi_node(self, g: Guest, timeout: float = NODE_READY_TIMEOUT,
                        wait: bool = True) -> None:
         """The CSI node plugin in guest g (log: /tmp/csi-node.log); with wait, returns once
-        it serves its socket, where kubelet's registrar finds it."""
+        it serves its socket, where kubelet's registrar finds it. Its NodeStage waits as long
+        as the chart's does (60 s): a call given up at 30 s was called again seconds later,
+        and each call again reads the volume and writes its finalizer, seconds of a busy guest
+        between a VM and its boot."""
         env = guest_env(f"KUBECONFIG={self.cp.kubeconfig}")
         _daemon(g, f"{env} {guest_python()} -m vmthunder.cli csi --mode node "
                 f"--endpoint unix://{CSI_SOCKET} --node-id {g.name} "
-                f"--state-dir {CACHE_DIR}/volumes --stage-wait 30 "
+                f"--state-dir {CACHE_DIR}/volumes "
                 f"--metrics-port {CSI_NODE_METRICS_PORT}", "vmthunder.cli csi",
                 "/tmp/csi-node.log")
         if wait:
