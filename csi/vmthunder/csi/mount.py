@@ -60,6 +60,9 @@ def mounted_at(path: str) -> MountInfo | None:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
 
 
