@@ -227,7 +227,6 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
         order = [m for m in ("local", *MODES[:-1], NO_HOLD, *CHECKS) if m in a.modes]
         logs = a.out.with_name(f"{a.out.stem}-n{n}-logs")
         for mode in order:
-            cpu = rig.cpu_mark()
             t1 = time.monotonic()
             cleanup = ""  # the ImageCache a VMThunder mode leaves to delete
             if mode == "copy-first" and n > a.copy_max_n:
@@ -235,6 +234,8 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
                       f"{n * rig.profile.image_size * 8 / (a.rate_mbit * 1e6):.0f} s through "
                       "the origin's link", flush=True)
                 continue
+            cpu = rig.cpu_mark()
+            t1 = time.monotonic()
             try:
                 if mode in CHECKS or mode == NO_HOLD:  # vmthunder+prefetch, options changed
                     base = rig.options
@@ -271,7 +272,10 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
                 print(f"  boot timeout {timeout:.0f} s", flush=True)
             print(f"  {mode} done in {time.monotonic() - t1:.0f} s", flush=True)
             print_table(rows[-1:], rig.profile.image_size)
-            rig.save_cpu_since(cpu, logs, mode)  # each guest's CPU in this mode, per process
+            try:  # each guest's CPU in this mode, per process
+                rig.save_cpu_since(cpu, logs, mode)
+            except Exception as e:  # a table lost costs no measurement
+                print(f"  {mode}: CPU tables lost: {type(e).__name__}: {e}", flush=True)
             if cleanup:  # after the figures are kept: a failed cleanup loses no measurement
                 try:
                     rig.delete_volumes_and_cache(cleanup)

@@ -38,3 +38,24 @@ def test_a_failed_mount_says_which_call_and_why(tmp_path: Path) -> None:
     with pytest.raises(mount.MountError, match="Invalid argument"):
         mount.umount(str(tmp_path))  # nothing mounted there
     assert os.path.isdir(tmp_path)
+
+
+def test_a_read_only_bind_keeps_the_nosuid_nodev_noexec_of_what_it_binds(
+        tmp_path: Path) -> None:
+    # A tmpfs of our own with those flags, and a read-only bind of a file on it.
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    mount.mount("tmpfs", str(fs), "tmpfs", ["nosuid", "nodev", "noexec"], readonly=False)
+    try:
+        (fs / "device").write_text("golden")
+        target = tmp_path / "target"
+        target.touch()
+        mount.bind(str(fs / "device"), str(target), readonly=True)
+        try:
+            found = mount.mounted_at(str(target))
+            assert found is not None
+            assert {"ro", "nosuid", "nodev", "noexec"} <= found.options
+        finally:
+            mount.umount(str(target))
+    finally:
+        mount.umount(str(fs))

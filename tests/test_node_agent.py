@@ -43,7 +43,15 @@ from vmthunder.node.agent import (
 )
 from vmthunder.node.api import INITIATOR_CONDITION, ReplicaGone
 from vmthunder.node.cache import CacheState
-from vmthunder.node.hydrate import UNLIMITED, Hydrator, Upstream, hydration_order, upstream_of
+from vmthunder.node.hydrate import (
+    UNLIMITED,
+    ChildPrefetch,
+    Hydrator,
+    Upstream,
+    children_waiting,
+    hydration_order,
+    upstream_of,
+)
 from vmthunder.node.iscsi import TargetAddress
 from vmthunder.node.stack import Want
 from vmthunder.node.transport import Connection
@@ -394,33 +402,50 @@ def test_background_waits_while_a_child_prefetches_and_goes_on_after() -> None:
     h = Hydrator("img", be, size=total * 65536, region_bytes=65536,  # type: ignore[arg-type]
                  profile=list(range(100)), queue_depth=8, throttle=0)
     h._stats = lambda name: None  # type: ignore[method-assign]  # no dm-stats here
-    h.children_prefetching = True
+    h.children = (ChildPrefetch(40, time.monotonic() + 60),)
     h.start()
     try:
         wait_for("the prefetch", lambda: h.hydrated_in_order == 100, timeout=10)
         time.sleep(1.2)  # two pacing steps: the prefetch goes on, the background does not
         assert h.hydrated_in_order == 100 and be.hydrated == list(range(100))
-        h.children_prefetching = False
+        h.children = (ChildPrefetch(100, time.monotonic() + 60),)  # it has all we prefetched
         wait_for("the background walk", lambda: h.hydrated_in_order == total, timeout=10)
     finally:
         h.stop()
         h.join(5)
 
 
-def test_a_child_counts_as_prefetching_until_its_hold_deadline_only() -> None:
+def test_a_child_holds_the_background_while_it_can_go_on_and_until_its_hold_ends() -> None:
+    ahead = ChildPrefetch(40, until=100.0)
+    assert children_waiting([ahead], 100, now=50.0)
+    assert not children_waiting([ahead], 100, now=100.0)  # its hold is over (or it is dead)
+    assert not children_waiting([ChildPrefetch(100, 100.0)], 100, now=50.0)  # caught up
+    # a parent whose own profile is shorter (none: its ConfigMap could not be read) holds
+    # nothing a child could go on with
+    assert not children_waiting([ahead], 0, now=50.0)
+    assert not children_waiting([], 100, now=50.0)
+
+
+def test_the_children_prefetching_are_read_from_their_status_and_capped_at_a_hold() -> None:
     now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
-    def replica(parent: str, phase: str, until: datetime | None) -> dict[str, Any]:
+    def replica(parent: str, phase: str, until: datetime | None,
+                in_order: int = 7) -> dict[str, Any]:
         return {"spec": {"parent": parent}, "status": {
-            "phase": phase, "holdUntil": until.strftime(TIME_FORMAT) if until else None}}
+            "phase": phase, "hydratedInOrder": in_order,
+            "holdUntil": until.strftime(TIME_FORMAT) if until else None}}
 
     later, earlier = now + timedelta(seconds=30), now - timedelta(seconds=1)
-    assert children_prefetching("a", [replica("a", "Prefetching", later)], now)
-    assert not children_prefetching("a", [replica("a", "Prefetching", earlier)], now)  # dead?
-    assert not children_prefetching("a", [replica("b", "Prefetching", later)], now)  # not ours
-    assert not children_prefetching("a", [replica("a", "Hydrating", later)], now)
-    assert not children_prefetching("a", [replica("a", "Prefetching", None)], now)
-    assert not children_prefetching("a", [{"spec": {"parent": "a"}}], now)  # no status yet
+    assert children_prefetching("a", [replica("a", "Prefetching", later)], now, 60) == [
+        (7, 30.0)]
+    # a child's clock far ahead: no longer than a hold
+    assert children_prefetching("a", [replica("a", "Prefetching", now + timedelta(hours=1))],
+                                now, 60) == [(7, 60.0)]
+    assert children_prefetching("a", [replica("a", "Prefetching", earlier)], now, 60) == []
+    assert children_prefetching("a", [replica("b", "Prefetching", later)], now, 60) == []
+    assert children_prefetching("a", [replica("a", "Hydrating", later)], now, 60) == []
+    assert children_prefetching("a", [replica("a", "Prefetching", None)], now, 60) == []
+    assert children_prefetching("a", [{"spec": {"parent": "a"}}], now, 60) == []
 
 
 class ProfileKube:

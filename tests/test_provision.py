@@ -53,18 +53,22 @@ def test_summary_counts_unbooted_and_mismatched_nodes() -> None:
 
 
 def test_a_cpu_table_since_a_mark_counts_what_each_process_spent_after_it() -> None:
-    def stat(pid: int, name: str, user: int, system: int) -> str:
-        return f"{pid} ({name}) S " + " ".join(["0"] * 10) + f" {user} {system} 0 0"
+    def stat(pid: int, name: str, user: int, system: int, started: int = 10,
+             children: int = 0) -> str:
+        fields = ["0"] * 10 + [str(user), str(system), str(children), "0"] + ["0"] * 4
+        return f"{pid} ({name}) S " + " ".join([*fields, str(started), "0"])
 
     mark = "\n".join(["100", stat(7, "python3", 500, 100), stat(9, "sh", 50, 50),
                       "7 python -m vmthunder.cli agent"])
-    now = "\n".join(["100", stat(7, "python3", 800, 150), stat(9, "dd", 20, 10),
-                     stat(12, "iscsid", 40, 0), "7 python -m vmthunder.cli agent"])
+    now = "\n".join(["100", stat(7, "python3", 800, 150, children=20),
+                     stat(9, "sh", 20, 10, started=99), stat(12, "iscsid", 40, 0),
+                     "7 python -m vmthunder.cli agent"])
     rows = [line.split(None, 3) for line in cpu_table(now, since=mark).splitlines()[1:]]
-    # the agent: its 3.5 s since the mark; pid 9 reused by dd, and new iscsid: all theirs
-    assert rows == [["3.0", "0.5", "7", "python -m vmthunder.cli agent"],
-                    ["0.4", "0.0", "12", "iscsid"], ["0.2", "0.1", "9", "dd"]]
-    assert cpu_table(now).splitlines()[1].split()[:2] == ["8.0", "1.5"]
+    # the agent: its 3.5 s since the mark and 0.2 s of its children (dmsetup, ...); pid 9
+    # is another sh since (started later), and iscsid is new: all theirs
+    assert rows == [["3.2", "0.5", "7", "python -m vmthunder.cli agent"],
+                    ["0.4", "0.0", "12", "iscsid"], ["0.2", "0.1", "9", "sh"]]
+    assert cpu_table(now).splitlines()[1].split()[:2] == ["8.2", "1.5"]
 
 
 @pytest.fixture(scope="module")

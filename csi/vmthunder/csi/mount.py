@@ -64,6 +64,8 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
                         ctypes.c_void_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+KEPT_ON_REMOUNT = (os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME
+                   | os.ST_NODIRATIME)
 
 
 def _call(argv: list[str], result: int) -> None:
@@ -78,8 +80,12 @@ def bind(source: str, target: str, readonly: bool = False) -> None:
     _call(["mount", "--bind", source, target],
           _libc.mount(source.encode(), target.encode(), None, MS_BIND, None))
     if readonly:
+        # A remount sets all the mount's flags: keep those the bind inherited, as mount(8)
+        # does (statvfs's ST_ bits for these have the MS_ values).
+        kept = os.statvfs(target).f_flag & KEPT_ON_REMOUNT
         _call(["mount", "-o", "remount,bind,ro", target],
-              _libc.mount(None, target.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None))
+              _libc.mount(None, target.encode(), None,
+                          MS_REMOUNT | MS_BIND | MS_RDONLY | kept, None))
 
 
 def mount(device: str, target: str, fstype: str, options: list[str], readonly: bool) -> None:

@@ -886,18 +886,20 @@ CPU_COMMAND = ("getconf CLK_TCK; for s in /proc/[0-9]*/stat; do cat $s; echo; do
                "ps -e -o pid,args")
 
 
-def _cpu_ticks(text: str) -> tuple[int, dict[str, tuple[int, int, str]], dict[str, str]]:
-    """CPU_COMMAND's output: ticks a second, (user, system, name) and arguments by pid."""
+def _cpu_ticks(text: str) -> tuple[int, dict[str, tuple[int, int, int, str]], dict[str, str]]:
+    """CPU_COMMAND's output: ticks a second; by pid, (user, system, start time, name), the
+    user and system time of its waited-for children counted in (the agent's dmsetup and
+    iscsiadm are the agent's); arguments by pid."""
     lines = text.splitlines()
     hz = int(lines[0]) if lines and lines[0].isdigit() else 100
-    ticks: dict[str, tuple[int, int, str]] = {}
+    ticks: dict[str, tuple[int, int, int, str]] = {}
     args: dict[str, str] = {}
     for line in lines[1:]:
         if ") " in line and line.split(" ", 1)[0].isdigit():
             pid = line.split(" ", 1)[0]
             name = line[line.index("(") + 1:line.rindex(")")]
             f = line[line.rindex(")") + 2:].split()
-            ticks[pid] = (int(f[11]), int(f[12]), name)
+            ticks[pid] = (int(f[11]) + int(f[13]), int(f[12]) + int(f[14]), int(f[19]), name)
         elif line.strip() and line.split(None, 1)[0].isdigit():
             pid, _, rest = line.strip().partition(" ")
             args[pid] = rest.strip()
@@ -905,17 +907,18 @@ def _cpu_ticks(text: str) -> tuple[int, dict[str, tuple[int, int, str]], dict[st
 
 
 def cpu_table(text: str, since: str | None = None) -> str:
-    """The CPU seconds (user, system) of a guest's processes, most first (kernel threads
-    too), from CPU_COMMAND's output; with `since` (an earlier output), only what was spent
-    after it (a pid that is new since then counts whole)."""
+    """The CPU seconds (user, system) of a guest's processes with their waited-for
+    children's, most first (kernel threads too), from CPU_COMMAND's output; with `since` (an
+    earlier output), only what was spent after it (a process started since counts whole).
+    What exited meanwhile unwaited for is not there."""
     hz, ticks, args = _cpu_ticks(text)
     before = _cpu_ticks(since)[1] if since is not None else {}
     rows = []
-    for pid, (user, system, name) in ticks.items():
-        u0, s0, name0 = before.get(pid, (0, 0, name))
-        if name0 != name:  # the pid was reused
+    for pid, (user, system, started, name) in ticks.items():
+        u0, s0, started0, _ = before.get(pid, (0, 0, started, name))
+        if started0 != started:  # another process with the same pid
             u0 = s0 = 0
-        rows.append(((user - u0) / hz, (system - s0) / hz, pid, name))
+        rows.append((max(0, user - u0) / hz, max(0, system - s0) / hz, pid, name))
     rows.sort(key=lambda r: -(r[0] + r[1]))
     out = [f"{'user s':>8} {'sys s':>8} {'pid':>6}  command"]
     out += [f"{u:8.1f} {st:8.1f} {pid:>6}  {args.get(pid, name)[:150]}"

@@ -38,7 +38,14 @@ from vmthunder.node import blockdev, dm, iscsi, lio, metrics, names, stack
 from vmthunder.node import transport as transports
 from vmthunder.node.api import INITIATOR_CONDITION, Kube, ReplicaGone, WatchedKube
 from vmthunder.node.cache import VOLUME_HEADROOM, CacheBackend, CacheState, make_backend
-from vmthunder.node.hydrate import Hydrator, Upstream, parse_profile, plan_prefetch, upstream_of
+from vmthunder.node.hydrate import (
+    ChildPrefetch,
+    Hydrator,
+    Upstream,
+    parse_profile,
+    plan_prefetch,
+    upstream_of,
+)
 from vmthunder.node.iscsi import Chap, TargetAddress
 from vmthunder.node.transport import IscsiTransport, Transport
 from vmthunder.operator.model import (
@@ -114,10 +121,13 @@ def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tup
     return tuple(sorted(set(out)))
 
 
-def children_prefetching(node: str, replicas: Sequence[Mapping[str, Any]],
-                         now: datetime) -> bool:
-    """Whether a child of `node` (among one image's replicas) holds its volumes for its
-    prefetch, as its status says, until its holdUntil: a dead child stops counting then."""
+def children_prefetching(node: str, replicas: Sequence[Mapping[str, Any]], now: datetime,
+                         hold_seconds: float) -> list[tuple[int, float]]:
+    """The children of `node` (among one image's replicas) holding their volumes for their
+    prefetch, as their statuses say: (regions held in order, seconds left of the hold). The
+    hold's end is the child's clock's: capped at `hold_seconds`, so a child whose clock runs
+    ahead, and whose agent then died, does not hold us longer than a hold."""
+    out = []
     for r in replicas:
         st = r.get("status") or {}
         if (r.get("spec") or {}).get("parent") != node or st.get("phase") != "Prefetching":
@@ -126,9 +136,15 @@ def children_prefetching(node: str, replicas: Sequence[Mapping[str, Any]],
             until = datetime.strptime(str(st.get("holdUntil")), TIME_FORMAT).replace(tzinfo=UTC)
         except ValueError:
             continue
-        if until > now:
-            return True
-    return False
+        left = min((until - now).total_seconds(), hold_seconds)
+        if left > 0:
+            out.append((int(st.get("hydratedInOrder") or 0), left))
+    return out
+
+
+def hold_seconds(cspec: Mapping[str, Any]) -> float:
+    """How long an image's volumes wait at most for its prefetch (spec.prefetch.holdSeconds)."""
+    return float((cspec.get("prefetch") or {}).get("holdSeconds", DEFAULT_HOLD_SECONDS))
 
 
 def plan_phase(cache: CacheState, has_parent: bool, hydrated_in_order: int,
@@ -613,7 +629,9 @@ class Agent:
         # The prefetch (and the volumes' hold with it) starts once there is a parent to read.
         h = self._hydrator(image, cache, cspec, size, region, bool(attached), upstream)
         if h is not None:
-            h.children_prefetching = children_prefetching(self.node, siblings, datetime.now(UTC))
+            now = time.monotonic()
+            h.children = tuple(ChildPrefetch(n, now + left) for n, left in children_prefetching(
+                self.node, siblings, datetime.now(UTC), hold_seconds(cspec)))
         c = stack.counters(image)
         if counted is not None:
             c = stack.Counters(max(c.bytes_from_parent, counted.bytes_from_parent),
@@ -719,7 +737,7 @@ class Agent:
                      # not held again
                      hold_until=self.holds.setdefault(image, Hold.lasting(
                          0.0 if cache.hydrated >= len(order) else
-                         float(prefetch.get("holdSeconds", DEFAULT_HOLD_SECONDS)))).until,
+                         hold_seconds(cspec))).until,
                      upstream=upstream, on_progress=self.news)
         h.start()
         self.hydrators[image] = h

@@ -169,6 +169,23 @@ class Upstream:
 UNLIMITED = Upstream()
 
 
+@dataclass(frozen=True)
+class ChildPrefetch:
+    """A child prefetching from this node, its volumes held until `until` (time.monotonic()'s
+    clock), as its replica's status last said."""
+
+    hydrated_in_order: int  # the child holds order[:n]
+    until: float
+
+
+def children_waiting(children: Sequence[ChildPrefetch], profile_held: int, now: float) -> bool:
+    """Whether the background walk should wait for a child's prefetch: one still held, that
+    can go on without us, as we hold `profile_held` regions of the boot profile in order (a
+    child reads only what we hold: one caught up with us waits for our walk, which must then
+    not wait for it)."""
+    return any(c.until > now and c.hydrated_in_order < profile_held for c in children)
+
+
 def upstream_of(parent_is_origin: bool, parent_status: Mapping[str, Any] | None) -> Upstream:
     if parent_is_origin:
         return UNLIMITED
@@ -200,8 +217,8 @@ class Hydrator(threading.Thread):
         self.queue_depth = queue_depth
         self.throttle = throttle
         self.upstream = upstream
-        # Kept current by the agent: a child prefetches from us, its volumes waiting for it.
-        self.children_prefetching = False
+        # Kept current by the agent: children prefetching from us, their volumes waiting.
+        self.children: tuple[ChildPrefetch, ...] = ()
         self.quiet = QuietGate(idle_seconds)
         self.hold_until = hold_until  # time.monotonic()'s clock
         # After each prefetch batch: the agent reports at once, as the children follow what
@@ -271,7 +288,8 @@ class Hydrator(threading.Thread):
             done = self.hydrated_in_order
             prefetching = done < len(self.profile)
             quiet = self._quiet(name)  # looked at while prefetching too, to know the reads then
-            if not prefetching and (not quiet or self.children_prefetching):
+            if not prefetching and (not quiet or children_waiting(
+                    self.children, min(done, len(self.profile)), time.monotonic())):
                 self.stopping.wait(0.5)
                 continue
             if done >= len(order):
