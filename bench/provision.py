@@ -227,7 +227,6 @@ def bench_n(n: int, a: argparse.Namespace, rows: list[dict[str, Any]],
         order = [m for m in ("local", *MODES[:-1], NO_HOLD, *CHECKS) if m in a.modes]
         logs = a.out.with_name(f"{a.out.stem}-n{n}-logs")
         for mode in order:
-            t1 = time.monotonic()
             cleanup = ""  # the ImageCache a VMThunder mode leaves to delete
             if mode == "copy-first" and n > a.copy_max_n:
                 print(f"  copy-first skipped at N={n} (> --copy-max-n {a.copy_max_n}): at least "

@@ -554,7 +554,7 @@ class Rig:
         for name in ("operator", "csi-controller"):
             with contextlib.suppress(OSError):
                 shutil.copy(self.workdir / f"{name}.log", folder / f"{name}.log")
-        for g in [*self.lab.nodes, *([self.lab.origin] if self.lab.origin else [])]:
+        for g in self.lab.guests:
             for log in ("agent", "csi-node"):
                 with contextlib.suppress(Exception):
                     r = g.run(f"cat /tmp/{log}.log", timeout=60)
@@ -566,14 +566,13 @@ class Rig:
     def cpu_mark(self) -> dict[str, str]:
         """Each guest's CPU per process now, for `save_cpu_since`: the guests' CPU in one
         mode, apart from the lab's bring-up and the other modes."""
-        guests = [*self.lab.nodes, *([self.lab.origin] if self.lab.origin else [])]
-
         def one(g: Guest) -> str:
             try:
                 return str(g.run(CPU_COMMAND, timeout=60).stdout)
             except Exception:  # the lab's GuestError: a mark lost costs one table, no run
                 return ""
 
+        guests = self.lab.guests
         return dict(zip((g.name for g in guests), in_parallel(one, guests), strict=True))
 
     def save_cpu_since(self, mark: Mapping[str, str], folder: Path, tag: str) -> None:
