@@ -36,7 +36,13 @@ from prometheus_client import start_http_server
 from vmthunder.kube import TIME_FORMAT, ApiError
 from vmthunder.node import blockdev, dm, iscsi, lio, metrics, names, stack
 from vmthunder.node import transport as transports
-from vmthunder.node.api import INITIATOR_CONDITION, Kube, ReplicaGone, WatchedKube
+from vmthunder.node.api import (
+    INITIATOR_CONDITION,
+    Kube,
+    ReplicaGone,
+    WatchedKube,
+    initiators_of,
+)
 from vmthunder.node.cache import VOLUME_HEADROOM, CacheBackend, CacheState, make_backend
 from vmthunder.node.hydrate import (
     ChildPrefetch,
@@ -111,14 +117,8 @@ def source_while_awaiting(sessions: Collection[TargetAddress]) -> TargetAddress 
 
 def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
     """Initiator names of the replicas (of one image) whose parent is `node`."""
-    out = []
-    for r in replicas:
-        if (r.get("spec") or {}).get("parent") != node:
-            continue
-        for c in (r.get("status") or {}).get("conditions") or []:
-            if c.get("type") == INITIATOR_CONDITION and c.get("message"):
-                out.append(str(c["message"]))
-    return tuple(sorted(set(out)))
+    return tuple(sorted({name for r in replicas if (r.get("spec") or {}).get("parent") == node
+                         for name in initiators_of(r)}))
 
 
 def children_prefetching(node: str, replicas: Sequence[Mapping[str, Any]], now: datetime,

@@ -132,11 +132,15 @@ def _wanted(replica: Mapping[str, Any]) -> tuple[Any, ...]:
     return replica.get("spec"), meta.get("labels"), meta.get("deletionTimestamp")
 
 
+def initiators_of(replica: Mapping[str, Any]) -> list[str]:
+    """The initiator names a replica's status gives for its node (its parent lets them in)."""
+    return [str(c["message"]) for c in (replica.get("status") or {}).get("conditions") or []
+            if c.get("type") == INITIATOR_CONDITION and c.get("message")]
+
+
 def _as_child(replica: Mapping[str, Any]) -> tuple[Any, ...]:
     status = replica.get("status") or {}
-    initiators = [c.get("message") for c in status.get("conditions") or []
-                  if c.get("type") == INITIATOR_CONDITION]
-    return _wanted(replica), initiators, status.get("phase"), status.get("holdUntil")
+    return _wanted(replica), initiators_of(replica), status.get("phase"), status.get("holdUntil")
 
 
 # --- the watched view ---------------------------------------------------------------------------
