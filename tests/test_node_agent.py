@@ -24,10 +24,10 @@ from vmthunder.node.agent import (
     Converged,
     Report,
     children_initiators,
-    children_prefetching,
     known_size,
     parent_address,
     parent_admits,
+    peers_prefetching,
     plan_cache_event,
     plan_failure_status,
     plan_full_round,
@@ -45,11 +45,11 @@ from vmthunder.node.api import INITIATOR_CONDITION, ReplicaGone
 from vmthunder.node.cache import CacheState
 from vmthunder.node.hydrate import (
     UNLIMITED,
-    ChildPrefetch,
     Hydrator,
+    PeerPrefetch,
     Upstream,
-    children_waiting,
     hydration_order,
+    peers_waiting,
     upstream_of,
 )
 from vmthunder.node.iscsi import TargetAddress
@@ -396,56 +396,59 @@ def test_each_prefetch_batch_wakes_the_agent_to_report_what_the_children_may_fol
         h.join(5)
 
 
-def test_background_waits_while_a_child_prefetches_and_goes_on_after() -> None:
+def test_background_waits_while_a_peer_prefetches_and_goes_on_after() -> None:
     total = 1000
     be = RecordingBackend(total)
     h = Hydrator("img", be, size=total * 65536, region_bytes=65536,  # type: ignore[arg-type]
                  profile=list(range(100)), queue_depth=8, throttle=0)
     h._stats = lambda name: None  # type: ignore[method-assign]  # no dm-stats here
-    h.children = (ChildPrefetch(40, time.monotonic() + 60),)
+    h.peers = (PeerPrefetch(40, time.monotonic() + 60),)
     h.start()
     try:
         wait_for("the prefetch", lambda: h.hydrated_in_order == 100, timeout=10)
         time.sleep(1.2)  # two pacing steps: the prefetch goes on, the background does not
         assert h.hydrated_in_order == 100 and be.hydrated == list(range(100))
-        h.children = (ChildPrefetch(100, time.monotonic() + 60),)  # it has all we prefetched
+        h.peers = (PeerPrefetch(100, time.monotonic() + 60),)  # it has all we prefetched
         wait_for("the background walk", lambda: h.hydrated_in_order == total, timeout=10)
     finally:
         h.stop()
         h.join(5)
 
 
-def test_a_child_holds_the_background_while_it_can_go_on_and_until_its_hold_ends() -> None:
-    ahead = ChildPrefetch(40, until=100.0)
-    assert children_waiting([ahead], 100, now=50.0)
-    assert not children_waiting([ahead], 100, now=100.0)  # its hold is over (or it is dead)
-    assert not children_waiting([ChildPrefetch(100, 100.0)], 100, now=50.0)  # caught up
-    # a parent whose own profile is shorter (none: its ConfigMap could not be read) holds
-    # nothing a child could go on with
-    assert not children_waiting([ahead], 0, now=50.0)
-    assert not children_waiting([], 100, now=50.0)
+def test_a_peer_holds_the_background_while_behind_us_and_until_its_hold_ends() -> None:
+    ahead = PeerPrefetch(40, until=100.0)
+    assert peers_waiting([ahead], 100, now=50.0)
+    assert not peers_waiting([ahead], 100, now=100.0)  # its hold is over (or it is dead)
+    assert not peers_waiting([PeerPrefetch(100, 100.0)], 100, now=50.0)  # caught up
+    # a node whose own profile is shorter (none: its ConfigMap could not be read) holds
+    # nothing back
+    assert not peers_waiting([ahead], 0, now=50.0)
+    assert not peers_waiting([], 100, now=50.0)
 
 
-def test_the_children_prefetching_are_read_from_their_status_and_capped_at_a_hold() -> None:
+def test_the_peers_prefetching_are_read_from_their_status_and_capped_at_a_hold() -> None:
     now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
-    def replica(parent: str, phase: str, until: datetime | None,
+    def replica(node: str, phase: str, until: datetime | None, parent: str = "a",
                 in_order: int = 7) -> dict[str, Any]:
-        return {"spec": {"parent": parent}, "status": {
+        return {"spec": {"node": node, "parent": parent}, "status": {
             "phase": phase, "hydratedInOrder": in_order,
             "holdUntil": until.strftime(TIME_FORMAT) if until else None}}
 
     later, earlier = now + timedelta(seconds=30), now - timedelta(seconds=1)
-    assert children_prefetching("a", [replica("a", "Prefetching", later)], now, 60) == [
-        (7, 30.0)]
-    # a child's clock far ahead: no longer than a hold
-    assert children_prefetching("a", [replica("a", "Prefetching", now + timedelta(hours=1))],
-                                now, 60) == [(7, 60.0)]
-    assert children_prefetching("a", [replica("a", "Prefetching", earlier)], now, 60) == []
-    assert children_prefetching("a", [replica("b", "Prefetching", later)], now, 60) == []
-    assert children_prefetching("a", [replica("a", "Hydrating", later)], now, 60) == []
-    assert children_prefetching("a", [replica("a", "Prefetching", None)], now, 60) == []
-    assert children_prefetching("a", [{"spec": {"parent": "a"}}], now, 60) == []
+    assert peers_prefetching("a", [replica("b", "Prefetching", later)], now, 60) == [(7, 30.0)]
+    # not our child: its prefetch shares the links and the CPU that our walk would take
+    assert peers_prefetching("a", [replica("c", "Prefetching", later, parent="b")], now,
+                             60) == [(7, 30.0)]
+    # a peer's clock far ahead: no longer than a hold
+    assert peers_prefetching("a", [replica("b", "Prefetching", now + timedelta(hours=1))],
+                             now, 60) == [(7, 60.0)]
+    assert peers_prefetching("a", [replica("b", "Prefetching", earlier)], now, 60) == []
+    assert peers_prefetching("a", [replica("a", "Prefetching", later, parent="o")], now,
+                             60) == []  # our own
+    assert peers_prefetching("a", [replica("b", "Hydrating", later)], now, 60) == []
+    assert peers_prefetching("a", [replica("b", "Prefetching", None)], now, 60) == []
+    assert peers_prefetching("a", [{"spec": {"node": "b"}}], now, 60) == []
 
 
 class ProfileKube:

@@ -45,8 +45,8 @@ from vmthunder.node.api import (
 )
 from vmthunder.node.cache import VOLUME_HEADROOM, CacheBackend, CacheState, make_backend
 from vmthunder.node.hydrate import (
-    ChildPrefetch,
     Hydrator,
+    PeerPrefetch,
     Upstream,
     parse_profile,
     plan_prefetch,
@@ -121,16 +121,16 @@ def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tup
                          for name in initiators_of(r)}))
 
 
-def children_prefetching(node: str, replicas: Sequence[Mapping[str, Any]], now: datetime,
-                         hold_seconds: float) -> list[tuple[int, float]]:
-    """The children of `node` (among one image's replicas) holding their volumes for their
-    prefetch, as their statuses say: (regions held in order, seconds left of the hold). The
-    hold's end is the child's clock's: capped at `hold_seconds`, so a child whose clock runs
-    ahead, and whose agent then died, does not hold us longer than a hold."""
+def peers_prefetching(node: str, replicas: Sequence[Mapping[str, Any]], now: datetime,
+                      hold_seconds: float) -> list[tuple[int, float]]:
+    """The other nodes' replicas (of one image) holding their volumes for their prefetch, as
+    their statuses say: (regions held in order, seconds left of the hold). The hold's end is
+    the peer's clock's: capped at `hold_seconds`, so a peer whose clock runs ahead, and whose
+    agent then died, does not hold us longer than a hold."""
     out = []
     for r in replicas:
         st = r.get("status") or {}
-        if (r.get("spec") or {}).get("parent") != node or st.get("phase") != "Prefetching":
+        if (r.get("spec") or {}).get("node") == node or st.get("phase") != "Prefetching":
             continue
         try:
             until = datetime.strptime(str(st.get("holdUntil")), TIME_FORMAT).replace(tzinfo=UTC)
@@ -630,7 +630,7 @@ class Agent:
         h = self._hydrator(image, cache, cspec, size, region, bool(attached), upstream)
         if h is not None:
             now = time.monotonic()
-            h.children = tuple(ChildPrefetch(n, now + left) for n, left in children_prefetching(
+            h.peers = tuple(PeerPrefetch(n, now + left) for n, left in peers_prefetching(
                 self.node, siblings, datetime.now(UTC), hold_seconds(cspec)))
         c = stack.counters(image)
         if counted is not None:

@@ -6,8 +6,10 @@ reads from its parent: while they read, it waits, since in a boot storm the CPU 
 parent's link are what the boots need. It does not yield to children reading what it holds
 (over its link to them, not its link to its parent): yielding to them made a tree hydrate in
 lock-step (a batch here, then the children's pull of it, then 2 s of quiet). It does yield
-while a child is prefetching, its volumes held until then: that pull is a boot's, bounded
-by the child's hold, and the background walk took the CPU and the link it needed.
+while any node of the image is prefetching, its volumes held until then (a boot storm): the
+walk's bytes cross its parent's link, and its ancestors' while they are not complete, that
+the prefetches share, and at N = 8 the walks moved as much as all the prefetches together
+before the last VM booted. Each such wait is bounded by that node's hold.
 """
 
 from __future__ import annotations
@@ -170,20 +172,21 @@ UNLIMITED = Upstream()
 
 
 @dataclass(frozen=True)
-class ChildPrefetch:
-    """A child prefetching from this node, its volumes held until `until` (time.monotonic()'s
+class PeerPrefetch:
+    """Another node prefetching the image, its volumes held until `until` (time.monotonic()'s
     clock), as its replica's status last said."""
 
-    hydrated_in_order: int  # the child holds order[:n]
+    hydrated_in_order: int  # the peer holds order[:n]
     until: float
 
 
-def children_waiting(children: Sequence[ChildPrefetch], profile_held: int, now: float) -> bool:
-    """Whether the background walk should wait for a child's prefetch: one still held, that
-    can go on without us, as we hold `profile_held` regions of the boot profile in order (a
-    child reads only what we hold: one caught up with us waits for our walk, which must then
-    not wait for it)."""
-    return any(c.until > now and c.hydrated_in_order < profile_held for c in children)
+def peers_waiting(peers: Sequence[PeerPrefetch], profile_held: int, now: float) -> bool:
+    """Whether the background walk should wait for another node's prefetch: one still held
+    that holds less of the boot profile than the `profile_held` regions we hold in order. A
+    peer as far as we are needs nothing we could make way for (a child waits for our walk,
+    which must then not wait for it), and a node without a profile (its ConfigMap unread)
+    holds nothing back."""
+    return any(p.until > now and p.hydrated_in_order < profile_held for p in peers)
 
 
 def upstream_of(parent_is_origin: bool, parent_status: Mapping[str, Any] | None) -> Upstream:
@@ -217,8 +220,8 @@ class Hydrator(threading.Thread):
         self.queue_depth = queue_depth
         self.throttle = throttle
         self.upstream = upstream
-        # Kept current by the agent: children prefetching from us, their volumes waiting.
-        self.children: tuple[ChildPrefetch, ...] = ()
+        # Kept current by the agent: the image's other nodes prefetching, their volumes waiting.
+        self.peers: tuple[PeerPrefetch, ...] = ()
         self.quiet = QuietGate(idle_seconds)
         self.hold_until = hold_until  # time.monotonic()'s clock
         # After each prefetch batch: the agent reports at once, as the children follow what
@@ -288,8 +291,8 @@ class Hydrator(threading.Thread):
             done = self.hydrated_in_order
             prefetching = done < len(self.profile)
             quiet = self._quiet(name)  # looked at while prefetching too, to know the reads then
-            if not prefetching and (not quiet or children_waiting(
-                    self.children, min(done, len(self.profile)), time.monotonic())):
+            if not prefetching and (not quiet or peers_waiting(
+                    self.peers, min(done, len(self.profile)), time.monotonic())):
                 self.stopping.wait(0.5)
                 continue
             if done >= len(order):
