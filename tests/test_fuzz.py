@@ -466,3 +466,33 @@ def test_a_replica_without_its_parents_label_gets_it_and_nothing_moves() -> None
     assert [(u.node, u.label) for u in plan.relabel] == [("f", "c")]
     assert plan.reparented == ()
     assert not plan.create and not plan.delete
+
+
+def test_the_cache_status_gives_the_last_hold_of_the_nodes_still_prefetching() -> None:
+    beat, dead = NOW - timedelta(seconds=5), NOW - timedelta(minutes=5)
+    soon, later = NOW + timedelta(seconds=20), NOW + timedelta(seconds=50)
+
+    def replica(node: str, phase: str, hold: datetime | str | None,
+                heartbeat: datetime = beat) -> ReplicaFacts:
+        return ReplicaFacts.from_dict({
+            "metadata": {"name": f"img.{node}", "labels": {"vmthunder.io/parent": ""}},
+            "spec": {"imageCache": "img", "node": node, "parent": ORIGIN, "depth": 1},
+            "status": {"phase": phase, "heartbeat": heartbeat.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                       "holdUntil": hold.strftime("%Y-%m-%dT%H:%M:%SZ")
+                       if isinstance(hold, datetime) else hold}})
+
+    def until(*facts: ReplicaFacts) -> str | None:
+        nodes = [NodeFacts(f.node, True) for f in facts]
+        plan = plan_replicas("img", CacheSpec(fanout=8, origin_fanout=8), nodes, facts,
+                             {f.node for f in facts}, NOW)
+        value = plan.status.as_patch(None)["prefetchingUntil"]
+        return None if value is None else str(value)
+
+    assert until(replica("a", "Prefetching", soon), replica("b", "Prefetching", later),
+                 replica("c", "Hydrating", None)) == later.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # a hold left behind in a status that moved on, or by a node that stopped reporting
+    assert until(replica("a", "Hydrating", later), replica("b", "Prefetching", later, dead),
+                 replica("c", "Prefetching", soon)) == soon.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # none prefetches (a hold that is no time counts for none): the field goes (None deletes
+    # it in the merge patch)
+    assert until(replica("a", "Hydrated", None), replica("b", "Prefetching", "soon")) is None

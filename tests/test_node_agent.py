@@ -429,26 +429,31 @@ def test_a_peer_holds_the_background_while_behind_us_and_until_its_hold_ends() -
 def test_the_peers_prefetching_are_read_from_their_status_and_capped_at_a_hold() -> None:
     now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
-    def replica(node: str, phase: str, until: datetime | None, parent: str = "a",
-                in_order: int = 7) -> dict[str, Any]:
-        return {"spec": {"node": node, "parent": parent}, "status": {
+    def replica(node: str, phase: str, until: datetime | None, in_order: int = 7
+                ) -> dict[str, Any]:
+        return {"spec": {"node": node, "parent": "a"}, "status": {
             "phase": phase, "hydratedInOrder": in_order,
             "holdUntil": until.strftime(TIME_FORMAT) if until else None}}
 
+    def peers(*replicas: dict[str, Any], cache: dict[str, Any] | None = None
+              ) -> list[tuple[int, float]]:
+        return peers_prefetching("a", replicas, cache or {}, now, 60)
+
     later, earlier = now + timedelta(seconds=30), now - timedelta(seconds=1)
-    assert peers_prefetching("a", [replica("b", "Prefetching", later)], now, 60) == [(7, 30.0)]
-    # not our child: its prefetch shares the links and the CPU that our walk would take
-    assert peers_prefetching("a", [replica("c", "Prefetching", later, parent="b")], now,
-                             60) == [(7, 30.0)]
+    assert peers(replica("b", "Prefetching", later)) == [(7, 30.0)]
     # a peer's clock far ahead: no longer than a hold
-    assert peers_prefetching("a", [replica("b", "Prefetching", now + timedelta(hours=1))],
-                             now, 60) == [(7, 60.0)]
-    assert peers_prefetching("a", [replica("b", "Prefetching", earlier)], now, 60) == []
-    assert peers_prefetching("a", [replica("a", "Prefetching", later, parent="o")], now,
-                             60) == []  # our own
-    assert peers_prefetching("a", [replica("b", "Hydrating", later)], now, 60) == []
-    assert peers_prefetching("a", [replica("b", "Prefetching", None)], now, 60) == []
-    assert peers_prefetching("a", [{"spec": {"node": "b"}}], now, 60) == []
+    assert peers(replica("b", "Prefetching", now + timedelta(hours=1))) == [(7, 60.0)]
+    assert peers(replica("b", "Prefetching", earlier)) == []
+    assert peers(replica("a", "Prefetching", later)) == []  # our own
+    assert peers(replica("b", "Hydrating", later)) == []
+    assert peers(replica("b", "Prefetching", None)) == []
+    assert peers({"spec": {"node": "b"}}) == []
+    # the nodes this one does not watch, as the operator gathered them: one holding nothing
+    storm = {"prefetchingUntil": (now + timedelta(seconds=45)).strftime(TIME_FORMAT)}
+    assert peers(cache=storm) == [(0, 45.0)]
+    assert peers(replica("b", "Prefetching", later), cache=storm) == [(7, 30.0), (0, 45.0)]
+    assert peers(cache={"prefetchingUntil": earlier.strftime(TIME_FORMAT)}) == []
+    assert peers(cache={"prefetchingUntil": "soon"}) == []
 
 
 class ProfileKube:

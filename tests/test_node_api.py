@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmthunder.node.api import concerns
+from vmthunder.node.api import cache_concerns, concerns
 from vmthunder.operator.reconcile import selects
 
 
@@ -51,3 +51,17 @@ def test_a_childs_progress_does_not_wake_its_parent_but_its_initiator_and_prefet
     assert concerns("n2", index, child, replica("golden", "n3", "n2", phase="Prefetching",
                                                 holdUntil="2026-12-07T12:00:00Z"))
     assert concerns("n2", index, child, None)
+
+
+def test_an_image_caches_counters_and_prefetch_end_do_not_wake_the_agents() -> None:
+    def cache(size: int | None = None, **status: Any) -> dict[str, Any]:
+        return {"metadata": {"name": "golden"}, "spec": {"fanout": 2},
+                "status": {"imageSizeBytes": size, **status}}
+
+    old = cache(originBytesServed=1, prefetchingUntil="2026-12-07T12:00:00Z")
+    assert not cache_concerns(old, cache(originBytesServed=2 << 20, hydratedCount=3))
+    assert cache_concerns(old, cache(size=1 << 30, originBytesServed=1))  # the size found
+    assert cache_concerns(old, {**old, "spec": {"fanout": 4}})
+    assert cache_concerns(old, {**old, "metadata": {"name": "golden",
+                                                    "deletionTimestamp": "2026-12-07T12:00:00Z"}})
+    assert cache_concerns(None, old) and cache_concerns(old, None)

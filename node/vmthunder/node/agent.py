@@ -121,24 +121,27 @@ def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tup
                          for name in initiators_of(r)}))
 
 
-def peers_prefetching(node: str, replicas: Sequence[Mapping[str, Any]], now: datetime,
+def peers_prefetching(node: str, replicas: Sequence[Mapping[str, Any]],
+                      cache_status: Mapping[str, Any], now: datetime,
                       hold_seconds: float) -> list[tuple[int, float]]:
-    """The other nodes' replicas (of one image) holding their volumes for their prefetch, as
-    their statuses say: (regions held in order, seconds left of the hold). The hold's end is
-    the peer's clock's: capped at `hold_seconds`, so a peer whose clock runs ahead, and whose
-    agent then died, does not hold us longer than a hold."""
+    """The image's other nodes holding their volumes for their prefetch: (regions held in
+    order, seconds left of the hold). Those this node watches (its parents and children) as
+    their statuses say; the rest as one, holding nothing, until the last hold the operator
+    gathered in the ImageCache's status. A hold's end is another clock's: capped at
+    `hold_seconds`, so a clock that runs ahead does not hold us longer than a hold."""
+    holds = [(int(st.get("hydratedInOrder") or 0), st.get("holdUntil"))
+             for r in replicas if (r.get("spec") or {}).get("node") != node
+             and (st := r.get("status") or {}).get("phase") == "Prefetching"]
+    holds.append((0, cache_status.get("prefetchingUntil")))
     out = []
-    for r in replicas:
-        st = r.get("status") or {}
-        if (r.get("spec") or {}).get("node") == node or st.get("phase") != "Prefetching":
-            continue
+    for in_order, until in holds:
         try:
-            until = datetime.strptime(str(st.get("holdUntil")), TIME_FORMAT).replace(tzinfo=UTC)
+            end = datetime.strptime(str(until), TIME_FORMAT).replace(tzinfo=UTC)
         except ValueError:
             continue
-        left = min((until - now).total_seconds(), hold_seconds)
+        left = min((end - now).total_seconds(), hold_seconds)
         if left > 0:
-            out.append((int(st.get("hydratedInOrder") or 0), left))
+            out.append((in_order, left))
     return out
 
 
@@ -631,7 +634,8 @@ class Agent:
         if h is not None:
             now = time.monotonic()
             h.peers = tuple(PeerPrefetch(n, now + left) for n, left in peers_prefetching(
-                self.node, siblings, datetime.now(UTC), hold_seconds(cspec)))
+                self.node, siblings, ic.get("status") or {}, datetime.now(UTC),
+                hold_seconds(cspec)))
         c = stack.counters(image)
         if counted is not None:
             c = stack.Counters(max(c.bytes_from_parent, counted.bytes_from_parent),

@@ -127,6 +127,18 @@ def concerns(node: str, mine: Mapping[str, Obj], old: Obj | None, new: Obj | Non
                for m in mine.values())
 
 
+def cache_concerns(old: Obj | None, new: Obj | None) -> bool:
+    """Whether a change of an ImageCache is news to the agents: its spec, its deletion or the
+    image size the nodes found, but not its counters (the origin's bytes move with every batch
+    the tree's root reads, and every agent watches every ImageCache) nor the end of the
+    prefetches (the hydrators read it at the next round, a few seconds away)."""
+    if old is None or new is None:
+        return True
+    return _wanted(old) != _wanted(new) or (
+        (old.get("status") or {}).get("imageSizeBytes")
+        != (new.get("status") or {}).get("imageSizeBytes"))
+
+
 def _wanted(replica: Mapping[str, Any]) -> tuple[Any, ...]:
     meta = replica.get("metadata") or {}
     return replica.get("spec"), meta.get("labels"), meta.get("deletionTimestamp")
@@ -165,8 +177,8 @@ class WatchedKube(Kube):
         # The parents' nodes and the watch of their replicas, swapped together.
         self._parents: tuple[frozenset[str], Informer[Obj] | None] = (frozenset(), None)
         self._parents_lock = threading.Lock()
-        self._caches = Informer[Obj](rest, resource_path(IMAGE_CACHES),
-                                     dict, lambda old, new: self.wake.set())
+        self._caches = Informer[Obj](rest, resource_path(IMAGE_CACHES), dict,
+                                     self._cache_changed)
 
     def _replicas_labeled(self, selector: str) -> Informer[Obj]:
         return Informer[Obj](self.rest, resource_path(IMAGE_REPLICAS), dict,
@@ -203,6 +215,10 @@ class WatchedKube(Kube):
                 self._follow_parents()
         # A copy: the own watch's thread changes _mine while the others' read it here.
         if concerns(self.node, dict(self._mine), old, new):
+            self.wake.set()
+
+    def _cache_changed(self, old: Obj | None, new: Obj | None) -> None:
+        if cache_concerns(old, new):
             self.wake.set()
 
     def _follow_parents(self) -> None:

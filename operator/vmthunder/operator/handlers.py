@@ -66,10 +66,11 @@ class Memo:
         return all(i.synced.is_set() for i in (self.nodes, self.replicas, self.volumes))
 
 
-def _planning_key(r: ReplicaFacts) -> tuple[str, str, int, str, bool, bool, int]:
+def _planning_key(r: ReplicaFacts) -> tuple[Any, ...]:
     """What of a replica the plan and the cache's status depend on (not its byte counters or
     each heartbeat)."""
-    return (r.image_cache, r.parent, r.depth, r.phase, r.parent_lost, r.caching, r.image_size)
+    return (r.image_cache, r.parent, r.depth, r.phase, r.parent_lost, r.caching, r.image_size,
+            r.hold_until)
 
 
 @kopf.on.startup()

@@ -105,6 +105,7 @@ class ReplicaFacts:
     caching: bool = True  # False: no room for its cache, it passes reads through (a leaf)
     image_size: int = 0  # the image's size as its node found it (0: not yet)
     labeled: bool = True  # carries its parent's LABEL_PARENT (an older operator's does not)
+    hold_until: datetime | None = None  # while Prefetching: until when its volumes wait
 
     @property
     def hydrated(self) -> bool:
@@ -131,6 +132,7 @@ class ReplicaFacts:
                             for c in status.get("conditions") or ()),
             image_size=int(status.get("imageSizeBytes") or 0),
             labeled=labels.get(LABEL_PARENT) == parent_label(str(spec.get("parent", ""))),
+            hold_until=_time_or_none(status.get("holdUntil")),
         )
 
 
@@ -138,6 +140,15 @@ def parent_label(parent: str) -> str:
     """LABEL_PARENT's value for a replica under `parent`: the node's name, "" under the origin
     (ORIGIN is no valid label value)."""
     return "" if parent == ORIGIN else parent
+
+
+def _time_or_none(value: Any) -> datetime | None:
+    """An API date-time, or None where there is none or it is not one (the CRD's format
+    check is not everywhere)."""
+    try:
+        return _utc(datetime.fromisoformat(str(value).replace("Z", "+00:00"))) if value else None
+    except ValueError:
+        return None
 
 
 def _utc(t: datetime) -> datetime:
@@ -155,13 +166,8 @@ def ready_for_vms(status: Mapping[str, Any] | None, now: datetime) -> bool:
     phase = status.get("phase", "Pending")
     if phase in USABLE_REPLICA_PHASES:
         return True
-    until = status.get("holdUntil")
-    if phase != "Prefetching" or not until:
-        return False
-    try:
-        return now >= _utc(datetime.fromisoformat(str(until).replace("Z", "+00:00")))
-    except ValueError:  # not a time (the CRD's format check is not everywhere): held
-        return False
+    until = _time_or_none(status.get("holdUntil"))  # not a time: held
+    return phase == "Prefetching" and until is not None and now >= until
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from vmthunder.kube import TIME_FORMAT
 from vmthunder.operator.model import (
     CacheSpec,
     NodeFacts,
@@ -56,6 +57,9 @@ class CacheStatus:
     origin_bytes_served: int
     failed_nodes: tuple[str, ...] = ()
     image_size_bytes: int = 0  # 0: not known yet (left out of the patch, never cleared)
+    # The last hold of the nodes still prefetching (None: none is): every node's background
+    # hydration waits for it, so a boot storm's prefetches have the tree's links to themselves.
+    prefetching_until: datetime | None = None
 
     def as_patch(self, generation: int | None) -> dict[str, Any]:
         patch: dict[str, Any] = {
@@ -64,6 +68,9 @@ class CacheStatus:
             "hydratedCount": self.hydrated_count,
             "treeDepth": self.tree_depth,
             "originBytesServed": self.origin_bytes_served,
+            # None deletes the field (a merge patch)
+            "prefetchingUntil": (self.prefetching_until.strftime(TIME_FORMAT)
+                                 if self.prefetching_until else None),
         }
         if self.image_size_bytes:
             patch["imageSizeBytes"] = self.image_size_bytes
@@ -225,7 +232,7 @@ def plan_replicas(
 
     status = aggregate_status(
         [r for n, r in current.items() if n in member_set], placements, len(members),
-        spec.size_bytes,
+        spec.size_bytes, now,
     )
     return ReplicaPlan(tuple(create), tuple(update), tuple(delete), tuple(reparented), status,
                        min(deadlines, default=None), still_lost, tuple(relabel))
@@ -233,10 +240,11 @@ def plan_replicas(
 
 def aggregate_status(
     replicas: Iterable[ReplicaFacts], placements: Mapping[str, Placement], node_count: int,
-    spec_size: int = 0,
+    spec_size: int = 0, now: datetime | None = None,
 ) -> CacheStatus:
     """The ImageCache's status. Its image size is the spec's, else the one the nodes found
-    (the CSI controller sizes volumes by it): every node reads the same image."""
+    (the CSI controller sizes volumes by it): every node reads the same image. A node that no
+    longer reports (its agent died while prefetching) holds no one's background hydration."""
     replicas = list(replicas)
     size = spec_size or max((r.image_size for r in replicas), default=0)
     hydrated = sum(1 for r in replicas if r.hydrated)
@@ -251,4 +259,7 @@ def aggregate_status(
         phase = "Ready"
     else:
         phase = "Distributing"
-    return CacheStatus(phase, node_count, hydrated, depth, origin_bytes, failed, size)
+    holds = [r.hold_until for r in replicas if r.phase == "Prefetching" and r.hold_until
+             and (now is None or is_reporting(r, now))]
+    return CacheStatus(phase, node_count, hydrated, depth, origin_bytes, failed, size,
+                       max(holds, default=None))
