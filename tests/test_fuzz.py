@@ -493,6 +493,9 @@ def test_the_cache_status_gives_the_last_hold_of_the_nodes_still_prefetching() -
     # a hold left behind in a status that moved on, or by a node that stopped reporting
     assert until(replica("a", "Hydrating", later), replica("b", "Prefetching", later, dead),
                  replica("c", "Prefetching", soon)) == soon.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # a hold written with another offset is given in UTC
+    assert until(replica("a", "Prefetching", "2026-01-01T01:00:50+01:00")) == (
+        later.strftime("%Y-%m-%dT%H:%M:%SZ"))
     # none prefetches (a hold that is no time counts for none): the field goes (None deletes
     # it in the merge patch)
     assert until(replica("a", "Hydrated", None), replica("b", "Prefetching", "soon")) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +23,7 @@ from vmthunder.node.agent import (
     ROUND_STUCK_SECONDS,
     Agent,
     Converged,
+    PeerHold,
     Report,
     children_initiators,
     known_size,
@@ -32,6 +34,7 @@ from vmthunder.node.agent import (
     plan_failure_status,
     plan_full_round,
     plan_held_paths,
+    plan_peer_waits,
     plan_phase,
     plan_pulse,
     plan_reinstated,
@@ -429,31 +432,58 @@ def test_a_peer_holds_the_background_while_behind_us_and_until_its_hold_ends() -
 def test_the_peers_prefetching_are_read_from_their_status_and_capped_at_a_hold() -> None:
     now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
+    def stamp(t: datetime) -> str:
+        return t.strftime(TIME_FORMAT)
+
     def replica(node: str, phase: str, until: datetime | None, in_order: int = 7
                 ) -> dict[str, Any]:
         return {"spec": {"node": node, "parent": "a"}, "status": {
             "phase": phase, "hydratedInOrder": in_order,
-            "holdUntil": until.strftime(TIME_FORMAT) if until else None}}
+            "holdUntil": stamp(until) if until else None}}
 
-    def peers(*replicas: dict[str, Any], cache: dict[str, Any] | None = None
-              ) -> list[tuple[int, float]]:
-        return peers_prefetching("a", replicas, cache or {}, now, 60)
+    def peers(*replicas: dict[str, Any], gathered: datetime | None = None,
+              own: datetime | None = None) -> list[tuple[str, int, float]]:
+        cache = {"prefetchingUntil": stamp(gathered)} if gathered else {}
+        return [(p.who, p.hydrated_in_order, p.left) for p in peers_prefetching(
+            "a", replicas, cache, stamp(own) if own else None, now, 60)]
 
     later, earlier = now + timedelta(seconds=30), now - timedelta(seconds=1)
-    assert peers(replica("b", "Prefetching", later)) == [(7, 30.0)]
+    assert peers(replica("b", "Prefetching", later)) == [("b", 7, 30.0)]
     # a peer's clock far ahead: no longer than a hold
-    assert peers(replica("b", "Prefetching", now + timedelta(hours=1))) == [(7, 60.0)]
+    assert peers(replica("b", "Prefetching", now + timedelta(hours=1))) == [("b", 7, 60.0)]
     assert peers(replica("b", "Prefetching", earlier)) == []
     assert peers(replica("a", "Prefetching", later)) == []  # our own
     assert peers(replica("b", "Hydrating", later)) == []
     assert peers(replica("b", "Prefetching", None)) == []
     assert peers({"spec": {"node": "b"}}) == []
     # the nodes this one does not watch, as the operator gathered them: one holding nothing
-    storm = {"prefetchingUntil": (now + timedelta(seconds=45)).strftime(TIME_FORMAT)}
-    assert peers(cache=storm) == [(0, 45.0)]
-    assert peers(replica("b", "Prefetching", later), cache=storm) == [(7, 30.0), (0, 45.0)]
-    assert peers(cache={"prefetchingUntil": earlier.strftime(TIME_FORMAT)}) == []
-    assert peers(cache={"prefetchingUntil": "soon"}) == []
+    storm = now + timedelta(seconds=45)
+    assert peers(gathered=storm) == [("", 0, 45.0)]
+    assert peers(replica("b", "Prefetching", later), gathered=storm) == [
+        ("b", 7, 30.0), ("", 0, 45.0)]
+    assert peers(gathered=earlier) == []
+    assert peers_prefetching("a", [], {"prefetchingUntil": "soon"}, None, now, 60) == []
+    # ... unless the gathered hold is one this node counts itself: a watched node's (a child
+    # caught up with us must not hold our walk through it), or our own, which the gathering
+    # keeps a moment after our prefetch has ended
+    caught_up = replica("b", "Prefetching", storm, in_order=100)
+    assert peers(caught_up, gathered=storm) == [("b", 100, 45.0)]
+    assert peers(gathered=storm, own=storm) == []
+
+
+def test_a_hold_is_waited_for_one_hold_at_most_from_when_it_was_first_seen() -> None:
+    hold = PeerHold("b", "2026-12-07T12:01:00Z", 7, left=60.0)
+    peers, seen = plan_peer_waits([hold], {}, now=100.0, hold_seconds=60)
+    assert peers == (PeerPrefetch(7, 160.0),) and seen == {("b", hold.until): 100.0}
+    # 50 s later its clock still says a minute to go (it runs ahead, its agent died): the
+    # wait ends a hold after it was first seen all the same
+    peers, seen = plan_peer_waits([hold], seen, now=150.0, hold_seconds=60)
+    assert peers == (PeerPrefetch(7, 160.0),)
+    # a hold that ends sooner ends sooner; a new hold is a new sighting; gone ones are dropped
+    sooner = replace(hold, until="2026-12-07T12:00:10Z", left=10.0)
+    peers, seen = plan_peer_waits([sooner], seen, now=150.0, hold_seconds=60)
+    assert peers == (PeerPrefetch(7, 160.0),) and seen == {("b", sooner.until): 150.0}
+    assert plan_peer_waits([], seen, now=151.0, hold_seconds=60) == ((), {})
 
 
 class ProfileKube:

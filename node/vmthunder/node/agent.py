@@ -121,28 +121,59 @@ def children_initiators(node: str, replicas: Sequence[Mapping[str, Any]]) -> tup
                          for name in initiators_of(r)}))
 
 
+@dataclass(frozen=True)
+class PeerHold:
+    """Another node's prefetch hold, as a status gave it."""
+
+    who: str  # the node; "" for the operator's gathering of the image's nodes
+    until: str  # its holdUntil as written
+    hydrated_in_order: int  # the regions it holds in order (0: not known)
+    left: float  # seconds to its end by our clock, capped at a hold
+
+
 def peers_prefetching(node: str, replicas: Sequence[Mapping[str, Any]],
-                      cache_status: Mapping[str, Any], now: datetime,
-                      hold_seconds: float) -> list[tuple[int, float]]:
-    """The image's other nodes holding their volumes for their prefetch: (regions held in
-    order, seconds left of the hold). Those this node watches (its parents and children) as
-    their statuses say; the rest as one, holding nothing, until the last hold the operator
-    gathered in the ImageCache's status. A hold's end is another clock's: capped at
-    `hold_seconds`, so a clock that runs ahead does not hold us longer than a hold."""
-    holds = [(int(st.get("hydratedInOrder") or 0), st.get("holdUntil"))
-             for r in replicas if (r.get("spec") or {}).get("node") != node
-             and (st := r.get("status") or {}).get("phase") == "Prefetching"]
-    holds.append((0, cache_status.get("prefetchingUntil")))
+                      cache_status: Mapping[str, Any], own_hold: str | None, now: datetime,
+                      hold_seconds: float) -> list[PeerHold]:
+    """The image's other nodes holding their volumes for their prefetch. Those this node
+    watches (its parents and children) as their statuses say. The others through the last
+    hold the operator gathered in the ImageCache's status, unless that hold is one of those
+    or this node's own (`own_hold`, which the gathering lags behind): a child caught up with
+    us waits for our walk, and must not hold it through the gathering. A hold's end is
+    another clock's: capped at `hold_seconds`."""
+    holds = []
+    known = {own_hold}
+    for r in replicas:
+        st = r.get("status") or {}
+        known.add(st.get("holdUntil"))
+        if (r.get("spec") or {}).get("node") != node and st.get("phase") == "Prefetching":
+            holds.append((str(r["spec"]["node"]), st.get("holdUntil"),
+                          int(st.get("hydratedInOrder") or 0)))
+    gathered = cache_status.get("prefetchingUntil")
+    if gathered not in known:
+        holds.append(("", gathered, 0))
     out = []
-    for in_order, until in holds:
+    for who, until, in_order in holds:
         try:
             end = datetime.strptime(str(until), TIME_FORMAT).replace(tzinfo=UTC)
         except ValueError:
             continue
         left = min((end - now).total_seconds(), hold_seconds)
         if left > 0:
-            out.append((in_order, left))
+            out.append(PeerHold(who, str(until), in_order, left))
     return out
+
+
+def plan_peer_waits(holds: Sequence[PeerHold], first_seen: Mapping[tuple[str, str], float],
+                    now: float, hold_seconds: float
+                    ) -> tuple[tuple[PeerPrefetch, ...], dict[tuple[str, str], float]]:
+    """Each hold as a deadline on our monotonic clock (`now`), at most `hold_seconds` after we
+    first saw it: a node whose clock runs ahead, and whose agent then died while prefetching,
+    holds us one hold, not until its clock's deadline. Returns the deadlines and the first
+    sightings to keep (those of the holds still there)."""
+    seen = {(h.who, h.until): first_seen.get((h.who, h.until), now) for h in holds}
+    return (tuple(PeerPrefetch(h.hydrated_in_order,
+                               min(now + h.left, seen[h.who, h.until] + hold_seconds))
+                  for h in holds), seen)
 
 
 def hold_seconds(cspec: Mapping[str, Any]) -> float:
@@ -444,6 +475,8 @@ class Agent:
         self.news = news  # wakes the loop for a round now (the prefetch's progress)
         self.hydrators: dict[str, Hydrator] = {}
         self.holds: dict[str, Hold] = {}  # per image
+        # per image: when each other node's hold was first seen (plan_peer_waits)
+        self.peer_holds: dict[str, dict[tuple[str, str], float]] = {}
         self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
         self.statuses: dict[str, dict[str, Any]] = {}  # per image: the status last written
         self.converged: dict[str, Converged] = {}
@@ -510,7 +543,7 @@ class Agent:
                     if not self._remove(image)]
             self.wanted = None if kept else wanted  # kept ones: try again next round
             self.swept_at = now
-        for per_image in (self.statuses, self.converged, self.reinstated):
+        for per_image in (self.statuses, self.converged, self.reinstated, self.peer_holds):
             for image in set(per_image) - wanted:
                 del per_image[image]
 
@@ -632,10 +665,13 @@ class Agent:
         # The prefetch (and the volumes' hold with it) starts once there is a parent to read.
         h = self._hydrator(image, cache, cspec, size, region, bool(attached), upstream)
         if h is not None:
-            now = time.monotonic()
-            h.peers = tuple(PeerPrefetch(n, now + left) for n, left in peers_prefetching(
-                self.node, siblings, ic.get("status") or {}, datetime.now(UTC),
-                hold_seconds(cspec)))
+            own = self.holds.get(image)
+            holds = peers_prefetching(
+                self.node, siblings, ic.get("status") or {},
+                own.wall.strftime(TIME_FORMAT) if own else None, datetime.now(UTC),
+                hold_seconds(cspec))
+            h.peers, self.peer_holds[image] = plan_peer_waits(
+                holds, self.peer_holds.get(image, {}), time.monotonic(), hold_seconds(cspec))
         c = stack.counters(image)
         if counted is not None:
             c = stack.Counters(max(c.bytes_from_parent, counted.bytes_from_parent),

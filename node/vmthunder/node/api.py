@@ -130,8 +130,8 @@ def concerns(node: str, mine: Mapping[str, Obj], old: Obj | None, new: Obj | Non
 def cache_concerns(old: Obj | None, new: Obj | None) -> bool:
     """Whether a change of an ImageCache is news to the agents: its spec, its deletion or the
     image size the nodes found, but not its counters (the origin's bytes move with every batch
-    the tree's root reads, and every agent watches every ImageCache) nor the end of the
-    prefetches (the hydrators read it at the next round, a few seconds away)."""
+    the tree's root reads, and every agent watches every ImageCache) nor the prefetches' last
+    hold (prefetchingUntil: the hydrators take it at the next round, a few seconds away)."""
     if old is None or new is None:
         return True
     return _wanted(old) != _wanted(new) or (

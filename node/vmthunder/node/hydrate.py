@@ -9,7 +9,7 @@ lock-step (a batch here, then the children's pull of it, then 2 s of quiet). It 
 while any node of the image is prefetching, its volumes held until then (a boot storm): the
 walk's bytes cross its parent's link, and its ancestors' while they are not complete, that
 the prefetches share, and at N = 8 the walks moved as much as all the prefetches together
-before the last VM booted. Each such wait is bounded by that node's hold.
+before the last VM booted. Each such wait is bounded by the holds it waits for.
 """
 
 from __future__ import annotations
@@ -183,8 +183,9 @@ class PeerPrefetch:
 def peers_waiting(peers: Sequence[PeerPrefetch], profile_held: int, now: float) -> bool:
     """Whether the background walk should wait for another node's prefetch: one still held
     that holds less of the boot profile than the `profile_held` regions we hold in order. A
-    peer as far as we are needs nothing we could make way for (a child waits for our walk,
-    which must then not wait for it), and a node without a profile (its ConfigMap unread)
+    peer as far as we are needs nothing we could make way for (a child caught up with us
+    waits for our walk, which must then not wait for it: the agent leaves its hold out of
+    the other nodes' gathered one), and a node without a profile (its ConfigMap unread)
     holds nothing back."""
     return any(p.until > now and p.hydrated_in_order < profile_held for p in peers)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from vmthunder.kube import TIME_FORMAT
@@ -69,7 +69,7 @@ class CacheStatus:
             "treeDepth": self.tree_depth,
             "originBytesServed": self.origin_bytes_served,
             # None deletes the field (a merge patch)
-            "prefetchingUntil": (self.prefetching_until.strftime(TIME_FORMAT)
+            "prefetchingUntil": (self.prefetching_until.astimezone(UTC).strftime(TIME_FORMAT)
                                  if self.prefetching_until else None),
         }
         if self.image_size_bytes:
@@ -240,7 +240,7 @@ def plan_replicas(
 
 def aggregate_status(
     replicas: Iterable[ReplicaFacts], placements: Mapping[str, Placement], node_count: int,
-    spec_size: int = 0, now: datetime | None = None,
+    spec_size: int, now: datetime,
 ) -> CacheStatus:
     """The ImageCache's status. Its image size is the spec's, else the one the nodes found
     (the CSI controller sizes volumes by it): every node reads the same image. A node that no
@@ -260,6 +260,6 @@ def aggregate_status(
     else:
         phase = "Distributing"
     holds = [r.hold_until for r in replicas if r.phase == "Prefetching" and r.hold_until
-             and (now is None or is_reporting(r, now))]
+             and is_reporting(r, now)]
     return CacheStatus(phase, node_count, hydrated, depth, origin_bytes, failed, size,
                        max(holds, default=None))
