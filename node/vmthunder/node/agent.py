@@ -665,13 +665,12 @@ class Agent:
         # The prefetch (and the volumes' hold with it) starts once there is a parent to read.
         h = self._hydrator(image, cache, cspec, size, region, bool(attached), upstream)
         if h is not None:
-            own = self.holds.get(image)
+            own, cap = self.holds.get(image), hold_seconds(cspec)
             holds = peers_prefetching(
                 self.node, siblings, ic.get("status") or {},
-                own.wall.strftime(TIME_FORMAT) if own else None, datetime.now(UTC),
-                hold_seconds(cspec))
+                own.wall.strftime(TIME_FORMAT) if own else None, datetime.now(UTC), cap)
             h.peers, self.peer_holds[image] = plan_peer_waits(
-                holds, self.peer_holds.get(image, {}), time.monotonic(), hold_seconds(cspec))
+                holds, self.peer_holds.get(image, {}), time.monotonic(), cap)
         c = stack.counters(image)
         if counted is not None:
             c = stack.Counters(max(c.bytes_from_parent, counted.bytes_from_parent),
