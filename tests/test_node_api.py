@@ -65,3 +65,26 @@ def test_an_image_caches_counters_and_prefetch_end_do_not_wake_the_agents() -> N
     assert cache_concerns(old, {**old, "metadata": {"name": "golden",
                                                     "deletionTimestamp": "2026-12-07T12:00:00Z"}})
     assert cache_concerns(None, old) and cache_concerns(old, None)
+
+
+def test_a_parents_heartbeat_and_counters_do_not_wake_its_child_but_what_it_reads_does() -> None:
+    index = {"golden.n2": replica("golden", "n2", "n1")}
+    address = {"portal": "10.0.0.1:3260", "iqn": "iqn.2026-12.io.vmthunder:n1.golden"}
+    parent = replica("golden", "n1", "@origin", phase="Prefetching", hydratedInOrder=128,
+                     heartbeat="2026-12-07T12:00:00Z", bytesFromParent=1 << 20,
+                     exportAddress=address, exportInitiators=["iqn.n2"])
+    beat = replica("golden", "n1", "@origin", **{**parent["status"],
+                                                  "heartbeat": "2026-12-07T12:00:15Z",
+                                                  "bytesFromParent": 2 << 20,
+                                                  "hydratedRegions": 300})
+    assert not concerns("n2", index, parent, beat)
+    for field, value in (("hydratedInOrder", 256), ("phase", "Hydrating"),
+                         ("exportInitiators", ["iqn.n2", "iqn.n4"]),
+                         ("exportAddress", {**address, "portal": "10.0.0.9:3260"}),
+                         ("holdUntil", "2026-12-07T12:01:00Z"), ("imageSizeBytes", 1 << 30)):
+        moved = replica("golden", "n1", "@origin", **{**parent["status"], field: value})
+        assert concerns("n2", index, parent, moved), field
+    # a sibling's (another child of n1) does not, whatever moves
+    sibling = replica("golden", "n4", "n1", phase="Prefetching", hydratedInOrder=1)
+    assert not concerns("n2", index, sibling,
+                        replica("golden", "n4", "n1", phase="Hydrating", hydratedInOrder=9))

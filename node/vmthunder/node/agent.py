@@ -594,9 +594,6 @@ class Agent:
         children = children_initiators(self.node, siblings)
         region = int(cspec.get("regionSizeBytes", DEFAULT_REGION))
         origin_iqn = ((cspec.get("source") or {}).get("iscsi") or {}).get("iqn")
-        # An agent killed inside dm.create leaves a device without its node (dm.ensure_nodes);
-        # the size probe below reads the cache device by its path.
-        dm.ensure_nodes(names.src_dev(image), names.cache_dev(image), names.export_dev(image))
         connections = self.transport.connections()  # one walk of the sessions in sysfs
         image_sessions = stack.sessions_of_image(image, origin_iqn, transports.devices(connections))
         # A session made already stays whatever the parent's status says now.
@@ -746,6 +743,10 @@ class Agent:
                     self.reinstated.get(w.image), source, step.device, now)
 
     def _probe_size(self, image: str, parent: TargetAddress | None, chap: Chap | None) -> int:
+        # An agent killed inside dm.create leaves a device without its node (dm.ensure_nodes),
+        # and the cache device is read by its path. A full round's look (stack.observe) makes
+        # the nodes right too: a light round needs none of them.
+        dm.ensure_nodes(names.cache_dev(image))
         if dm.exists(names.cache_dev(image)):
             return blockdev.size_bytes(dm.mapper_path(names.cache_dev(image)))
         if parent is None:

@@ -114,7 +114,9 @@ def concerns(node: str, mine: Mapping[str, Obj], old: Obj | None, new: Obj | Non
     status (the agent writes that itself), a child's place, initiator name (it goes into our
     ACLs) or prefetch (our background walk waits for it), but not a child's progress (a
     round for each would cost a parent a round per child every few seconds), or its
-    parent's (export address, progress: the walk follows it)."""
+    parent's export, size, phase and prefetch (the walk follows it), but not the parent's
+    heartbeat or byte counters (written every few seconds; a round costs a lab guest's agent
+    a tenth of a second of its CPU)."""
     replica = new or old
     if replica is None:
         return False
@@ -123,8 +125,9 @@ def concerns(node: str, mine: Mapping[str, Obj], old: Obj | None, new: Obj | Non
         return old is None or new is None or _wanted(old) != _wanted(new)
     if (replica.get("spec") or {}).get("parent") == node:
         return old is None or new is None or _as_child(old) != _as_child(new)
-    return any(image_and_node(m)[0] == image and (m.get("spec") or {}).get("parent") == owner
-               for m in mine.values())
+    return (any(image_and_node(m)[0] == image and (m.get("spec") or {}).get("parent") == owner
+                for m in mine.values())
+            and (old is None or new is None or _as_parent(old) != _as_parent(new)))
 
 
 def cache_concerns(old: Obj | None, new: Obj | None) -> bool:
@@ -153,6 +156,17 @@ def initiators_of(replica: Mapping[str, Any]) -> list[str]:
 def _as_child(replica: Mapping[str, Any]) -> tuple[Any, ...]:
     status = replica.get("status") or {}
     return _wanted(replica), initiators_of(replica), status.get("phase"), status.get("holdUntil")
+
+
+# What a child's round reads of its parent's status (vmthunder.node.agent: parent_address,
+# parent_admits, known_size, upstream_of, peers_prefetching).
+PARENT_FIELDS = ("exportAddress", "exportInitiators", "imageSizeBytes", "phase",
+                 "hydratedInOrder", "holdUntil")
+
+
+def _as_parent(replica: Mapping[str, Any]) -> tuple[Any, ...]:
+    status = replica.get("status") or {}
+    return _wanted(replica), *(status.get(k) for k in PARENT_FIELDS)
 
 
 # --- the watched view ---------------------------------------------------------------------------
