@@ -27,6 +27,7 @@ from vmthunder.node.agent import (
     Report,
     children_initiators,
     known_size,
+    next_round_at,
     parent_address,
     parent_admits,
     peers_prefetching,
@@ -399,6 +400,34 @@ def test_each_prefetch_batch_wakes_the_agent_to_report_what_the_children_may_fol
         h.join(5)
 
 
+def test_a_walk_that_ends_or_fails_wakes_the_agent_and_one_stopped_does_not() -> None:
+    """The agent's rounds without news are seconds apart: a complete cache (to be detached)
+    or a failed walk (to be reported and replaced) must not wait for one."""
+    class Completing(RecordingBackend):
+        def observe(self, image: str) -> CacheState:
+            return CacheState("caching", len(self.hydrated), self.total, 65536,
+                              self.total * 65536)
+
+    class Failing(RecordingBackend):
+        def hydrate(self, image: str, regions: Sequence[int], region_bytes: int, size: int,
+                    queue_depth: int) -> int:
+            raise OSError(5, "Input/output error")
+
+    for backend, stop, expect_news in ((Completing(10), False, True), (Failing(10), False, True),
+                                       (RecordingBackend(10), True, False)):
+        woken = threading.Event()
+        h = Hydrator("img", backend, size=10 * 65536, region_bytes=65536,  # type: ignore[arg-type]
+                     profile=[], queue_depth=1, throttle=0, on_progress=woken.set)
+        h._stats = lambda name: None  # type: ignore[method-assign]  # no dm-stats here
+        if stop:
+            h.stop()
+        h.start()
+        h.join(10)
+        assert not h.is_alive()
+        assert woken.is_set() == expect_news, type(backend).__name__
+        assert (h.error is not None) == isinstance(backend, Failing)
+
+
 def test_background_waits_while_a_peer_prefetches_and_goes_on_after() -> None:
     total = 1000
     be = RecordingBackend(total)
@@ -738,3 +767,19 @@ def test_a_round_reports_failed_for_the_replicas_errors_not_hiccups_or_deletions
     monkeypatch.setattr(dm, "names", lambda: [])
     agent._round()
     assert [w["phase"] for w in kube.written] == (["Failed"] if reported else [])
+
+
+def test_a_round_without_news_runs_at_the_interval_or_when_a_heartbeat_falls_due() -> None:
+    assert next_round_at(100.0, 5.0, float("inf")) == 105.0  # nothing written yet
+    assert next_round_at(100.0, 5.0, 103.0) == 103.0  # the heartbeat comes first
+    assert next_round_at(100.0, 5.0, 107.0) == 105.0
+    # due before the last round started: that round could not write it (no tight loop)
+    assert next_round_at(100.0, 5.0, 99.0) == 105.0
+
+
+def test_the_heartbeat_falls_due_a_heartbeat_after_the_oldest_write() -> None:
+    agent = Agent("n1", None, None, None, "10.0.0.1",  # type: ignore[arg-type]
+                  initiator="iqn.n1")
+    assert agent.heartbeat_due() == float("inf")
+    agent.written_at.update({"a": 100.0, "b": 90.0})
+    assert agent.heartbeat_due() == 90.0 + HEARTBEAT_SECONDS

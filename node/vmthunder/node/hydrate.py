@@ -225,8 +225,9 @@ class Hydrator(threading.Thread):
         self.peers: tuple[PeerPrefetch, ...] = ()
         self.quiet = QuietGate(idle_seconds)
         self.hold_until = hold_until  # time.monotonic()'s clock
-        # After each prefetch batch: the agent reports at once, as the children follow what
-        # this node holds and the volumes wait for the end of the prefetch.
+        # After each prefetch batch and at the walk's end: the agent reports at once, as the
+        # children follow what this node holds and the volumes wait for the end of the
+        # prefetch; a complete cache is detached.
         self.on_progress = on_progress
         self.bytes_read = 0  # through vmt-<image>, by this walk: not the VMs' or children's
         self.hydrated_in_order = 0
@@ -253,6 +254,11 @@ class Hydrator(threading.Thread):
         except Exception as e:  # the agent reports it and starts a new hydrator next round
             log.exception("hydration of %s failed", self.image)
             self.error = f"{type(e).__name__}: {e}"
+        finally:
+            # The cache complete (to be detached) or the walk failed: a round now, not at the
+            # next tick of the agent's interval.
+            if not self.stopping.is_set():
+                self.on_progress()
 
     def _limit(self) -> int | None:
         up = self.upstream
