@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vmthunder.kube import TIME_FORMAT, parse_time
 from vmthunder.lab.profile import BootProfile, ProfileError, dump_profile
 from vmthunder.lab.profile import Read as RecordedRead
 from vmthunder.lab.profile import parse_profile as parse_recorded
@@ -186,6 +187,33 @@ def test_plan_replicas_over_odd_cluster_facts_writes_a_consistent_tree(
         assert r.parent == ORIGIN or r.parent in {n.name for n in nodes}
     assert plan.status.node_count >= len(written)
     assert set(plan.delete).isdisjoint(r.name for r in written.values())
+
+
+def test_every_rfc3339_time_parses_alike_and_anything_else_is_none() -> None:
+    """One parser for the times in statuses (heartbeat, holdUntil, prefetchingUntil), which
+    the agent, the operator and the CSI node plugin all read."""
+    t = datetime(2026, 12, 7, 12, 0, 0, tzinfo=UTC)
+    for text in ("2026-12-07T12:00:00Z", "2026-12-07T12:00:00+00:00", "2026-12-07T13:00:00+01:00",
+                 "2026-12-07T12:00:00", "2026-12-07T12:00:00.000Z"):
+        assert parse_time(text) == t, text
+    assert parse_time("2026-12-07T12:00:00.5Z") == t + timedelta(seconds=0.5)
+    for junk in (None, "", "soon", 17, "2026-13-07T12:00:00Z", {"a": 1}):
+        assert parse_time(junk) is None, junk
+
+
+@given(st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30),
+                    timezones=st.timezones()))
+def test_a_time_written_as_the_api_writes_it_reads_back_to_the_second(t: datetime) -> None:
+    utc = t.astimezone(UTC)
+    assert parse_time(utc.strftime(TIME_FORMAT)) == utc.replace(microsecond=0)
+
+
+def test_a_replica_with_a_heartbeat_that_is_no_time_plans_as_one_without_heartbeat() -> None:
+    r = {"metadata": {"name": "img.a"}, "spec": {"imageCache": "img", "node": "a",
+                                                  "parent": ORIGIN, "depth": 1},
+         "status": {"phase": "Attached", "heartbeat": "yesterday", "holdUntil": "later"}}
+    facts = ReplicaFacts.from_dict(r)
+    assert facts.heartbeat is None and facts.hold_until is None
 
 
 def test_a_heartbeat_without_a_timezone_counts_as_utc() -> None:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -31,6 +32,22 @@ if TYPE_CHECKING:
 Obj = dict[str, Any]
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # the API's RFC 3339 timestamps, to the second, in UTC
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An API date-time as an aware datetime: RFC 3339, with "Z" or an offset, with or
+    without fractional seconds; a time without a zone is UTC (comparing a naive time with an
+    aware clock raises). None where there is none, or it is not one: a status is written by
+    agents of any version, and the CRD's format check is not everywhere."""
+    if not value:
+        return None
+    try:
+        t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
 IN_CLUSTER = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_TTL_SECONDS = 60.0  # a projected ServiceAccount token is rotated in place; reread it
 # Requests sent again when their connection broke: a read, and a merge patch (applying one

@@ -35,7 +35,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from vmthunder.kube import TIME_FORMAT, ApiError
+from vmthunder.kube import TIME_FORMAT, ApiError, parse_time
 from vmthunder.node import blockdev, dm, iscsi, lio, metrics, names, stack
 from vmthunder.node import transport as transports
 from vmthunder.node.api import (
@@ -158,9 +158,8 @@ def peers_prefetching(node: str, replicas: Sequence[Mapping[str, Any]],
         holds.append(("", gathered, 0))
     out = []
     for who, until, in_order in holds:
-        try:
-            end = datetime.strptime(str(until), TIME_FORMAT).replace(tzinfo=UTC)
-        except ValueError:
+        end = parse_time(until)
+        if end is None:
             continue
         left = min((end - now).total_seconds(), hold_seconds)
         if left > 0:
@@ -440,11 +439,10 @@ def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     if changed - PROGRESS_FIELDS or (status.get("phase") == "Prefetching" and changed):
         return True
-    try:
-        beat = datetime.strptime(str(previous.get("heartbeat")), TIME_FORMAT)
-    except ValueError:
+    beat = parse_time(previous.get("heartbeat"))
+    if beat is None:
         return True
-    age = (now - beat.replace(tzinfo=UTC)).total_seconds()
+    age = (now - beat).total_seconds()
     return age >= (PROGRESS_SECONDS if changed else HEARTBEAT_SECONDS)
 
 

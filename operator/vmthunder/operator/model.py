@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
-from vmthunder.kube import custom_path
+from vmthunder.kube import custom_path, parse_time
 from vmthunder.operator.planner import ORIGIN
 
 GROUP: Final = "vmthunder.io"
@@ -115,7 +115,6 @@ class ReplicaFacts:
     def from_dict(obj: Mapping[str, Any]) -> ReplicaFacts:
         spec, status = obj.get("spec") or {}, obj.get("status") or {}
         labels = (obj.get("metadata") or {}).get("labels") or {}
-        beat = status.get("heartbeat")
         return ReplicaFacts(
             name=obj["metadata"]["name"],
             image_cache=str(spec.get("imageCache", "")),
@@ -123,7 +122,7 @@ class ReplicaFacts:
             parent=str(spec.get("parent", "")),
             depth=int(spec.get("depth", 0)),
             phase=str(status.get("phase", "Pending")),
-            heartbeat=_utc(datetime.fromisoformat(beat.replace("Z", "+00:00"))) if beat else None,
+            heartbeat=parse_time(status.get("heartbeat")),
             bytes_from_parent=int(status.get("bytesFromParent", 0)),
             hydrated_regions=int(status.get("hydratedRegions", 0)),
             total_regions=int(status.get("totalRegions", 0)),
@@ -132,7 +131,7 @@ class ReplicaFacts:
                             for c in status.get("conditions") or ()),
             image_size=int(status.get("imageSizeBytes") or 0),
             labeled=labels.get(LABEL_PARENT) == parent_label(str(spec.get("parent", ""))),
-            hold_until=_time_or_none(status.get("holdUntil")),
+            hold_until=parse_time(status.get("holdUntil")),
         )
 
 
@@ -140,21 +139,6 @@ def parent_label(parent: str) -> str:
     """LABEL_PARENT's value for a replica under `parent`: the node's name, "" under the origin
     (ORIGIN is no valid label value)."""
     return "" if parent == ORIGIN else parent
-
-
-def _time_or_none(value: Any) -> datetime | None:
-    """An API date-time, or None where there is none or it is not one (the CRD's format
-    check is not everywhere)."""
-    try:
-        return _utc(datetime.fromisoformat(str(value).replace("Z", "+00:00"))) if value else None
-    except ValueError:
-        return None
-
-
-def _utc(t: datetime) -> datetime:
-    """A time without a zone is UTC (the API's date-time format allows it): comparing a naive
-    time with the operator's aware clock would raise TypeError in every planning pass."""
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def ready_for_vms(status: Mapping[str, Any] | None, now: datetime) -> bool:
@@ -166,7 +150,7 @@ def ready_for_vms(status: Mapping[str, Any] | None, now: datetime) -> bool:
     phase = status.get("phase", "Pending")
     if phase in USABLE_REPLICA_PHASES:
         return True
-    until = _time_or_none(status.get("holdUntil"))  # not a time: held
+    until = parse_time(status.get("holdUntil"))  # not a time: held
     return phase == "Prefetching" and until is not None and now >= until
 
 
