@@ -527,3 +527,14 @@ def test_the_cache_status_gives_the_last_hold_of_the_nodes_still_prefetching() -
     # none prefetches (a hold that is no time counts for none): the field goes (None deletes
     # it in the merge patch)
     assert until(replica("a", "Hydrated", None), replica("b", "Prefetching", "soon")) is None
+    # a node its children lost, which missed its heartbeat (20 s) but is not stale yet (60 s)
+    missed = replica("a", "Prefetching", later, NOW - timedelta(seconds=30))
+    orphan = ReplicaFacts.from_dict({
+        "metadata": {"name": "img.b", "labels": {"vmthunder.io/parent": "a"}},
+        "spec": {"imageCache": "img", "node": "b", "parent": "a", "depth": 2},
+        "status": {"phase": "Prefetching", "heartbeat": beat.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   "holdUntil": soon.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   "parentLostAt": beat.strftime("%Y-%m-%dT%H:%M:%SZ")}})
+    assert until(missed, orphan) == soon.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert until(replica("a", "Prefetching", later, NOW - timedelta(seconds=30)),
+                 replica("b", "Prefetching", soon)) == later.strftime("%Y-%m-%dT%H:%M:%SZ")

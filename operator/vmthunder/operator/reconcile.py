@@ -232,7 +232,7 @@ def plan_replicas(
 
     status = aggregate_status(
         [r for n, r in current.items() if n in member_set], placements, len(members),
-        spec.size_bytes, now,
+        spec.size_bytes, now, lost=still_lost.keys(),
     )
     return ReplicaPlan(tuple(create), tuple(update), tuple(delete), tuple(reparented), status,
                        min(deadlines, default=None), still_lost, tuple(relabel))
@@ -240,11 +240,12 @@ def plan_replicas(
 
 def aggregate_status(
     replicas: Iterable[ReplicaFacts], placements: Mapping[str, Placement], node_count: int,
-    spec_size: int, now: datetime,
+    spec_size: int, now: datetime, lost: Collection[str] = (),
 ) -> CacheStatus:
     """The ImageCache's status. Its image size is the spec's, else the one the nodes found
     (the CSI controller sizes volumes by it): every node reads the same image. A node that no
-    longer reports (its agent died while prefetching) holds no one's background hydration."""
+    longer reports (its agent died while prefetching), or that its children lost (`lost`),
+    holds no one's background hydration."""
     replicas = list(replicas)
     size = spec_size or max((r.image_size for r in replicas), default=0)
     hydrated = sum(1 for r in replicas if r.hydrated)
@@ -260,6 +261,6 @@ def aggregate_status(
     else:
         phase = "Distributing"
     holds = [r.hold_until for r in replicas if r.phase == "Prefetching" and r.hold_until
-             and is_reporting(r, now)]
+             and is_reporting(r, now) and r.node not in lost]
     return CacheStatus(phase, node_count, hydrated, depth, origin_bytes, failed, size,
                        max(holds, default=None))
