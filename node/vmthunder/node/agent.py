@@ -733,8 +733,8 @@ class Agent:
 
     def heartbeat_due(self) -> float:
         """When (monotonic) the first of this node's statuses is due its heartbeat: the loop
-        runs a round then, though its interval is longer than the heartbeat's slack (the
-        operator calls a node that has missed one lost once a child has lost it)."""
+        runs a round then, not at the interval's next tick (the operator calls a node that
+        missed one by 5 s lost once a child has lost its session to it)."""
         return min(self.written_at.values(), default=float("inf")) + HEARTBEAT_SECONDS
 
     def _let_in_late(self, w: stack.Want, admitted: tuple[str, ...] | None,
