@@ -532,9 +532,9 @@ def test_the_cache_status_gives_the_last_hold_of_the_nodes_still_prefetching() -
     orphan = ReplicaFacts.from_dict({
         "metadata": {"name": "img.b", "labels": {"vmthunder.io/parent": "a"}},
         "spec": {"imageCache": "img", "node": "b", "parent": "a", "depth": 2},
-        "status": {"phase": "Prefetching", "heartbeat": beat.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                   "holdUntil": soon.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                   "parentLostAt": beat.strftime("%Y-%m-%dT%H:%M:%SZ")}})
-    assert until(missed, orphan) == soon.strftime("%Y-%m-%dT%H:%M:%SZ")
+        "status": {"phase": "Prefetching", "heartbeat": beat.strftime(TIME_FORMAT),
+                   "holdUntil": soon.strftime(TIME_FORMAT),
+                   "parentLostAt": beat.strftime(TIME_FORMAT)}})
+    assert until(missed, orphan) == soon.strftime(TIME_FORMAT)
     assert until(replica("a", "Prefetching", later, NOW - timedelta(seconds=30)),
-                 replica("b", "Prefetching", soon)) == later.strftime("%Y-%m-%dT%H:%M:%SZ")
+                 replica("b", "Prefetching", soon)) == later.strftime(TIME_FORMAT)
