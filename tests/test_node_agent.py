@@ -27,17 +27,16 @@ from vmthunder.node.agent import (
     Report,
     children_initiators,
     known_size,
-    next_round_at,
     parent_address,
     parent_admits,
     peers_prefetching,
+    plan_beats,
     plan_cache_event,
     plan_failure_status,
     plan_full_round,
     plan_held_paths,
     plan_peer_waits,
     plan_phase,
-    plan_pulse,
     plan_reinstated,
     plan_removals,
     plan_status,
@@ -287,14 +286,14 @@ def test_a_lost_parent_is_reported_since_first_seen_and_cleared_once_it_carries_
                                                       settled, later), later)
 
 
-def test_an_unchanged_status_is_written_only_as_a_heartbeat() -> None:
+def test_an_unchanged_status_is_not_written_the_pulse_beats_for_it() -> None:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     st = plan_status(report(CacheState("caching", 2, 16), 10), {}, t0)
-    later = plan_status(report(CacheState("caching", 2, 16), 10), st, t0 + timedelta(seconds=5))
-    assert not plan_status_write(st, later, t0 + timedelta(seconds=5))
-    due = t0 + timedelta(seconds=HEARTBEAT_SECONDS)
-    assert plan_status_write(st, plan_status(report(CacheState("caching", 2, 16), 10), st, due),
-                             due)
+    for seconds in (5, HEARTBEAT_SECONDS, 10 * HEARTBEAT_SECONDS):
+        at = t0 + timedelta(seconds=seconds)
+        later = plan_status(report(CacheState("caching", 2, 16), 10), st, at)
+        assert later["heartbeat"] != st["heartbeat"]  # the stamp alone is no change
+        assert not plan_status_write(st, later, at)
     assert plan_status_write({}, st, t0)  # the first status
 
 
@@ -710,35 +709,53 @@ def test_the_bytes_from_the_parent_are_counted_before_a_detach_removes_their_cou
     assert (kube.written[-1]["bytesFromParent"], kube.written[-1]["bytesServed"]) == (805, 9)
 
 
-def test_the_pulse_beats_for_a_long_round_but_not_for_a_stuck_one() -> None:
-    hb = HEARTBEAT_SECONDS
-    assert not plan_pulse(None, 0.0, 1000.0)  # between rounds the rounds beat themselves
-    assert not plan_pulse(100.0, 0.0, 100.0 + hb - 1)  # a short round writes its own status
-    assert plan_pulse(100.0, 0.0, 100.0 + hb)  # an attach of a minute under load
-    assert not plan_pulse(100.0, 100.0 + hb, 100.0 + 1.5 * hb)  # beat a moment ago
-    assert plan_pulse(100.0, 100.0 + hb, 100.0 + 2 * hb)
-    assert not plan_pulse(100.0, 0.0, 100.0 + ROUND_STUCK_SECONDS)  # stuck: let it go stale
+def test_the_pulse_beats_the_statuses_unwritten_for_a_heartbeat_unless_a_round_is_stuck() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    hb = timedelta(seconds=HEARTBEAT_SECONDS)
+    last = {"fresh": t0 + hb, "due": t0, "older": t0 - hb, "unknown": None}
+    # between rounds, and during a long one (an attach of a minute under load)
+    for busy in (0.0, 60.0, ROUND_STUCK_SECONDS - 1):
+        assert plan_beats(last, busy, t0 + hb) == ["due", "older", "unknown"]
+    assert plan_beats(last, 0.0, t0 + hb - timedelta(seconds=1)) == ["older", "unknown"]
+    assert plan_beats(last, ROUND_STUCK_SECONDS, t0 + 10 * hb) == []  # let it go stale
 
 
-def test_a_beat_writes_only_the_heartbeat_of_the_nodes_reported_live_replicas() -> None:
+def test_a_beat_writes_only_the_heartbeat_of_the_nodes_live_replicas_due_one() -> None:
+    now = datetime.now(UTC)
+    old, fresh = ((now - timedelta(seconds=s)).strftime(TIME_FORMAT)
+                  for s in (HEARTBEAT_SECONDS + 2, 2))
+
+    def replica(image: str, status: dict[str, Any] | None, **meta: str) -> dict[str, Any]:
+        return {"metadata": {"name": f"{image}.n", **meta}, "spec": {"imageCache": image},
+                **({"status": status} if status is not None else {})}
+
     class NodeKube(TreeKube):
         def __init__(self) -> None:
             super().__init__({})
             self.patched: list[tuple[str, dict[str, Any]]] = []
 
         def replicas(self, labels: object) -> list[dict[str, Any]]:
-            return [{"metadata": {"name": "a.n"}, "status": {"phase": "Attaching"}},
-                    {"metadata": {"name": "b.n"}},  # not reported yet: the round writes first
-                    {"metadata": {"name": "c.n", "deletionTimestamp": "2026-12-07T00:00:00Z"},
-                     "status": {"phase": "Hydrated"}}]
+            return [replica("a", {"phase": "Attaching", "heartbeat": old}),
+                    replica("b", None),  # not reported yet: the round writes first
+                    replica("c", {"phase": "Hydrated", "heartbeat": old},
+                            deletionTimestamp="2026-12-07T00:00:00Z"),
+                    replica("d", {"phase": "Hydrated", "heartbeat": fresh}),
+                    # our last write has not come back through the watch yet
+                    replica("e", {"phase": "Hydrated", "heartbeat": old})]
 
         def patch_status(self, name: str, status: dict[str, Any]) -> None:
             self.patched.append((name, status))
 
     kube = NodeKube()
-    Agent("n", kube, None, None, "10.0.0.1",  # type: ignore[arg-type]
-          initiator="iqn.x:n").beat()
+    agent = Agent("n", kube, None, None, "10.0.0.1",  # type: ignore[arg-type]
+                  initiator="iqn.x:n")
+    agent.written_at["e"] = now - timedelta(seconds=1)
+    agent.beat()
     assert [(name, list(status)) for name, status in kube.patched] == [("a.n", ["heartbeat"])]
+    assert agent.written_at["a"] >= now
+    kube.patched.clear()
+    agent.beat()  # a moment later: written a moment ago
+    assert kube.patched == []
 
 
 @pytest.mark.parametrize(("error", "reported"), [
@@ -767,19 +784,3 @@ def test_a_round_reports_failed_for_the_replicas_errors_not_hiccups_or_deletions
     monkeypatch.setattr(dm, "names", lambda: [])
     agent._round()
     assert [w["phase"] for w in kube.written] == (["Failed"] if reported else [])
-
-
-def test_a_round_without_news_runs_at_the_interval_or_when_a_heartbeat_falls_due() -> None:
-    assert next_round_at(100.0, 5.0, float("inf")) == 105.0  # nothing written yet
-    assert next_round_at(100.0, 5.0, 103.0) == 103.0  # the heartbeat comes first
-    assert next_round_at(100.0, 5.0, 107.0) == 105.0
-    # due before the last round started: that round could not write it (no tight loop)
-    assert next_round_at(100.0, 5.0, 99.0) == 105.0
-
-
-def test_the_heartbeat_falls_due_a_heartbeat_after_the_oldest_write() -> None:
-    agent = Agent("n1", None, None, None, "10.0.0.1",  # type: ignore[arg-type]
-                  initiator="iqn.n1")
-    assert agent.heartbeat_due() == float("inf")
-    agent.written_at.update({"a": 100.0, "b": 90.0})
-    assert agent.heartbeat_due() == 90.0 + HEARTBEAT_SECONDS

@@ -12,7 +12,8 @@ found that late). It is cheap once
 an image has converged: while what is wanted and the cache layer's state stay as the last full
 round left them, it reads only the cache layer's progress (one dmsetup call; a whole-stack read
 is about ten, ~1 s of a TCG lab guest's CPU), re-reading the whole stack every RESYNC_SECONDS;
-and it writes a status only when it changed or as a heartbeat.
+and it writes a status only when it changed. The heartbeats are the pulse's (plan_beats), a
+thread beside the rounds, so a long round or a long wait between rounds never lets one lapse.
 
 A node publishes its iSCSI initiator name in a status condition of type "Initiator" of its
 replicas, so a parent can give it an ACL; the CRD has no dedicated field for it.
@@ -68,18 +69,15 @@ log = logging.getLogger("vmthunder.agent")
 DEFAULT_REGION = 65536
 MIN_ROUND_GAP = 0.5  # seconds from one round's start to the next
 # Seconds between rounds without news. Two in three of an agent's rounds in an N = 8 lab's boot
-# storm had none. At 5 s the storm ended sooner at N = 8, but at N = 16 a parent was judged lost,
-# its children moved five times and three VMs did not boot; likely because a heartbeat is
-# written at a round's end, or by the pulse once a round has run 15 s, so 5 s and a long round
-# can put more than 20 s between two. Longer only once the pulse beats on the age of the last
-# write, not on the round's length.
-ROUND_INTERVAL = 2.0
+# storm had none at 2 s; at 5 s the storm ended 17-25% sooner. The heartbeats do not hang on
+# it: the pulse writes them (plan_beats).
+ROUND_INTERVAL = 5.0
 DEFAULT_IDLE_SECONDS = 2.0  # the CRD's default for spec.hydration.idleSeconds
 DEFAULT_HOLD_SECONDS = 60.0  # the CRD's default for spec.prefetch.holdSeconds
 RESYNC_SECONDS = 30.0  # a converged image's whole stack is re-read at least this often
-HEARTBEAT_SECONDS = 15.0  # an unchanged status is rewritten this often (stale after 60 s)
-ROUND_STUCK_SECONDS = 300.0  # a round running longer no longer vouches for the node (plan_pulse)
-PULSE_CHECK_SECONDS = 5.0
+HEARTBEAT_SECONDS = 15.0  # a status unwritten this long gets a heartbeat (stale after 60 s)
+ROUND_STUCK_SECONDS = 300.0  # a round running longer no longer vouches for the node (plan_beats)
+PULSE_CHECK_SECONDS = 1.0  # the operator calls a node lost 20 s after its last heartbeat
 PROGRESS_SECONDS = 5.0  # progress alone is written at most this often (see plan_status_write)
 PROGRESS_FIELDS = frozenset({"hydratedRegions", "hydratedInOrder", "bytesFromParent",
                              "bytesServed"})
@@ -416,17 +414,19 @@ def plan_full_round(last: Converged | None, want: stack.Want, cache: CacheState,
             or now - last.at >= RESYNC_SECONDS)
 
 
-def plan_pulse(round_started: float | None, last_beat: float, now: float) -> bool:
-    """Whether the pulse writes this node's heartbeats now (monotonic seconds). The rounds
-    write them as a rule, but under load a round takes minutes (an attach of 60 s, then the
-    export), and a node whose heartbeat is stale has its children moved off it, to be moved
-    back once it reports: at N = 16 the tree never settled. So while a round runs long the
-    pulse beats for it, unless the round looks stuck: then the node is left to go stale."""
-    if round_started is None:
-        return False  # between rounds: the rounds beat themselves
-    busy = now - round_started
-    return (HEARTBEAT_SECONDS <= busy < ROUND_STUCK_SECONDS
-            and now - last_beat >= HEARTBEAT_SECONDS)
+def plan_beats(last_written: Mapping[str, datetime | None], round_busy: float,
+               now: datetime) -> list[str]:
+    """The replicas whose heartbeat the pulse writes now: those whose status was last written
+    (by a round or a beat; None: never that we know) HEARTBEAT_SECONDS ago. The pulse owns
+    the heartbeats, not the rounds: under load a round takes minutes (an attach of 60 s, then
+    the export), and the rounds without news are seconds apart, so a heartbeat written at a
+    round's end can come more than the 20 s late that, once a child has lost its session,
+    has the operator call this node lost and move its children (N = 16, 2026-12-07). A round
+    busy for ROUND_STUCK_SECONDS looks stuck: the node is left to go stale."""
+    if round_busy >= ROUND_STUCK_SECONDS:
+        return []
+    return [name for name, at in last_written.items()
+            if at is None or (now - at).total_seconds() >= HEARTBEAT_SECONDS]
 
 
 def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
@@ -435,7 +435,7 @@ def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
     cache hydrates in the background) at most every PROGRESS_SECONDS: a write is the agent's
     largest cost per round in a lab guest, and every agent watching replicas reads each one.
     The prefetch's progress goes out at once: the children follow it batch by batch, and the
-    volumes wait for its end. An unchanged status is written only as a heartbeat."""
+    volumes wait for its end. An unchanged status is not written: the pulse beats for it."""
     def content(s: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in s.items() if k != "heartbeat" and v is not None}
 
@@ -446,17 +446,7 @@ def plan_status_write(previous: Mapping[str, Any], status: Mapping[str, Any],
     beat = parse_time(previous.get("heartbeat"))
     if beat is None:
         return True
-    age = (now - beat).total_seconds()
-    return age >= (PROGRESS_SECONDS if changed else HEARTBEAT_SECONDS)
-
-
-def next_round_at(started: float, interval: float, heartbeat_due: float) -> float:
-    """When the next round without news runs (monotonic seconds): an `interval` after the last
-    one `started`, or sooner when a heartbeat falls due. A heartbeat due before the last round
-    started, that round did not write (the API server away): it is tried again at the
-    interval, not in a tight loop."""
-    return min(started + interval, heartbeat_due) if heartbeat_due > started else (
-        started + interval)
+    return bool(changed) and (now - beat).total_seconds() >= PROGRESS_SECONDS
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -495,12 +485,12 @@ class Agent:
         self.peer_holds: dict[str, dict[tuple[str, str], float]] = {}
         self.notes: dict[str, str] = {}  # per image: what went wrong without stopping it
         self.statuses: dict[str, dict[str, Any]] = {}  # per image: the status last written
-        self.written_at: dict[str, float] = {}  # per image: when it was written (monotonic)
+        self.written_at: dict[str, datetime] = {}  # per image: our last write of its status
         self.converged: dict[str, Converged] = {}
         self.reinstated: dict[str, Reinstated] = {}
         self.wanted: set[str] | None = None  # the images of the last sweep for removals
         self.swept_at = 0.0
-        self.round_started: float | None = None  # monotonic, while a round runs (plan_pulse)
+        self.round_started: float | None = None  # monotonic, while a round runs (plan_beats)
 
     def round(self) -> None:
         self.round_started = time.monotonic()
@@ -511,26 +501,33 @@ class Agent:
             self.round_started = None
 
     def beat(self) -> None:
-        """Writes only the heartbeat of this node's replicas that have a status: the pulse's
-        write while a round runs long (plan_pulse). Never raises: the next beat tries again."""
-        stamp = datetime.now(UTC).strftime(TIME_FORMAT)
-        for r in self.kube.replicas({LABEL_NODE: self.node}):
-            if not r.get("status") or r["metadata"].get("deletionTimestamp"):
-                continue
+        """Writes the heartbeat, and only that, of this node's replicas that have a status and
+        are due one (plan_beats). Never raises: the next beat tries again."""
+        started = self.round_started
+        busy = 0.0 if started is None else time.monotonic() - started
+        now = datetime.now(UTC)
+        live = {str(r["spec"]["imageCache"]): r for r in self.kube.replicas({LABEL_NODE: self.node})
+                if r.get("status") and not r["metadata"].get("deletionTimestamp")}
+        # Our own last write may not have come back through the watch yet: the later of the two.
+        last = {image: max(filter(None, (parse_time(r["status"].get("heartbeat")),
+                                         self.written_at.get(image))), default=None)
+                for image, r in live.items()}
+        for image in plan_beats(last, busy, now):
+            name = live[image]["metadata"]["name"]
             try:
-                self.kube.patch_status(r["metadata"]["name"], {"heartbeat": stamp})
+                self.kube.patch_status(name, {"heartbeat": now.strftime(TIME_FORMAT)})
+                self.written_at[image] = now
             except Exception as e:  # gone meanwhile, or the API server away
-                log.warning("heartbeat of %s: %s", r["metadata"]["name"], e)
+                log.warning("heartbeat of %s: %s", name, e)
 
     def pulse(self) -> None:
-        """Runs for ever beside the rounds (a daemon thread): see plan_pulse."""
-        last = time.monotonic()
+        """Runs for ever beside the rounds (a daemon thread): see plan_beats."""
         while True:
             time.sleep(PULSE_CHECK_SECONDS)
-            now = time.monotonic()
-            if plan_pulse(self.round_started, last, now):
+            try:
                 self.beat()
-                last = now
+            except Exception:  # the watch's cache mid-change: the next second tries again
+                log.exception("pulse")
 
     def _round(self) -> None:
         mine = self.kube.replicas({LABEL_NODE: self.node})
@@ -721,7 +718,7 @@ class Agent:
         status = plan_status(rep, previous, stamp)
         if plan_status_write(previous, status, stamp):
             self.kube.patch_status(r["metadata"]["name"], status)
-            self.written_at[str(r["spec"]["imageCache"])] = time.monotonic()
+            self.written_at[str(r["spec"]["imageCache"])] = stamp
             event = plan_cache_event(previous, status)
             if event is not None:
                 log.warning("%s: %s: %s", r["spec"]["imageCache"], event[1], event[2])
@@ -730,12 +727,6 @@ class Agent:
                 except Exception:  # the condition says it too: an Event lost is no failure
                     log.exception("event for %s", r["metadata"]["name"])
         return status
-
-    def heartbeat_due(self) -> float:
-        """When (monotonic) the first of this node's statuses is due its heartbeat: the loop
-        runs a round then, not at the interval's next tick (the operator calls a node that
-        missed one by 5 s lost once a child has lost its session to it)."""
-        return min(self.written_at.values(), default=float("inf")) + HEARTBEAT_SECONDS
 
     def _let_in_late(self, w: stack.Want, admitted: tuple[str, ...] | None,
                      steps: list[stack.Step]) -> tuple[stack.Want, tuple[str, ...] | None]:
@@ -875,5 +866,4 @@ def run_agent(node: str, *, export_ip: str, cache_dir: str = "/var/lib/vmthunder
         # hydration's progress, the kernel's state); never closer than MIN_ROUND_GAP, so a burst
         # of news (children reporting at once) makes one round, not one each.
         time.sleep(max(0.0, MIN_ROUND_GAP - (time.monotonic() - t0)))
-        kube.wake.wait(max(0.0, next_round_at(t0, interval, agent.heartbeat_due())
-                           - time.monotonic()))
+        kube.wake.wait(max(0.0, t0 + interval - time.monotonic()))
