@@ -699,7 +699,9 @@ class Lab:
         rate = f"{self.rate_mbit}mbit" if self.rate_mbit else "0"
         cmdline = " ".join(
             [
-                "console=ttyS0 quiet panic=-1 mitigations=off",
+                # no_timer_check: under TCG on a loaded host the boot's timer check can miss
+                # its ticks and panic ("IO-APIC + timer doesn't work"; N = 16, 2026-12-08).
+                "console=ttyS0 quiet panic=-1 mitigations=off no_timer_check",
                 f"vmt.repo={REPO} vmt.name={g.name} vmt.ip={g.ip}/24 vmt.iqn={g.iqn}",
                 f"vmt.host={self.host_ip} vmt.rate={rate} vmt.burst={burst}",
                 f"vmt.pythons={','.join(PYTHONS)}" if PYTHONS else "",
