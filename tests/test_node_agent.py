@@ -361,49 +361,25 @@ def test_a_non_caching_child_walks_behind_its_parent_and_sweeps_only_once_it_is_
     be = RecordingBackend(total)
     profile = list(range(300, 100, -1))
     order = hydration_order(profile, total)
-    parent = [Upstream(0, False)]  # as the watch has the parent's status
     h = Hydrator("img", be, size=total * 65536, region_bytes=65536,  # type: ignore[arg-type]
-                 profile=profile, queue_depth=1, throttle=0, upstream=lambda: parent[0])
+                 profile=profile, queue_depth=1, throttle=0, upstream=Upstream(0, False))
     h._stats = lambda name: None  # type: ignore[method-assign]  # no dm-stats here
     h.start()
     try:
         # The parent's progress, within the prefetch, across its end, and in the background.
         for parent_has in (0, 70, 350, 900):
-            parent[0] = Upstream(parent_has, False)
+            h.upstream = Upstream(parent_has, False)
             wait_for(f"walk to {parent_has}",
                      lambda: h.hydrated_in_order == parent_has, timeout=10)  # noqa: B023
             time.sleep(0.7)  # more than a pacing step: it stays where the parent is
             assert h.hydrated_in_order == parent_has and be.hydrated == order[:parent_has]
         assert not be.background.is_set()
-        parent[0] = Upstream(900, True)  # parent complete: the rest, then the kernel's sweep
+        h.upstream = Upstream(900, True)  # parent complete: the rest, then the kernel's sweep
         wait_for("the kernel's sweep", be.background.is_set, timeout=10)
         assert be.hydrated == order
     finally:
         h.stop()
         h.join(5)
-
-
-def test_a_walk_goes_as_far_as_its_parents_status_in_the_watch_says_now() -> None:
-    replicas = {"img.b": {"spec": {"imageCache": "img", "node": "b", "parent": "a"}},
-                "img.a": {"spec": {"imageCache": "img", "node": "a", "parent": "@origin"},
-                          "status": {"phase": "Prefetching", "hydratedInOrder": 40}}}
-
-    class WatchKube:
-        def replica(self, name: str) -> dict[str, Any] | None:
-            return replicas.get(name)
-
-    b = Agent("b", WatchKube(), None, None, "10.0.0.12",  # type: ignore[arg-type]
-              initiator="iqn.x:b")
-    assert b.upstream("img") == Upstream(40, False)
-    replicas["img.a"]["status"]["hydratedInOrder"] = 128  # no round between: read again
-    assert b.upstream("img") == Upstream(128, False)
-    replicas["img.a"]["status"]["phase"] = "Hydrated"
-    assert b.upstream("img") == UNLIMITED
-    replicas["img.b"]["spec"]["parent"] = "c"  # re-parented to one not reporting yet: wait
-    assert b.upstream("img") == Upstream(0, False)
-    assert Agent("a", WatchKube(), None, None, "10.0.0.11",  # type: ignore[arg-type]
-                 initiator="iqn.x:a").upstream("img") == UNLIMITED  # the root reads the origin
-    assert b.upstream("other") == Upstream(0, False)  # no replica (deleted): nothing to walk
 
 
 def test_each_prefetch_batch_wakes_the_agent_to_report_what_the_children_may_follow() -> None:

@@ -673,8 +673,9 @@ class Agent:
         if w.held_paths and held is not None and held.failing:
             message = (f"the path to the parent failed again right after being reinstated, "
                        f"{held.times} times in a row: retrying with a backoff")
+        upstream = upstream_of(spec.get("parent") == names.ORIGIN, parent_status)
         # The prefetch (and the volumes' hold with it) starts once there is a parent to read.
-        h = self._hydrator(image, cache, cspec, size, region, bool(attached))
+        h = self._hydrator(image, cache, cspec, size, region, bool(attached), upstream)
         if h is not None:
             own, cap = self.holds.get(image), hold_seconds(cspec)
             holds = peers_prefetching(
@@ -769,10 +770,12 @@ class Agent:
         return blockdev.size_bytes(self.transport.attach(parent, chap))
 
     def _hydrator(self, image: str, cache: CacheState, cspec: Mapping[str, Any], size: int,
-                  region: int, has_parent: bool) -> Hydrator | None:
+                  region: int, has_parent: bool, upstream: Upstream) -> Hydrator | None:
         h = self.hydrators.get(image)
-        if h is not None and (h.is_alive() or h.error):
-            return h
+        if h is not None:
+            h.upstream = upstream
+            if h.is_alive() or h.error:
+                return h
         if cache.kind != "caching" or cache.complete or not has_parent or not size:
             return h
         prefetch = cspec.get("prefetch") or {}
@@ -791,20 +794,10 @@ class Agent:
                      hold_until=self.holds.setdefault(image, Hold.lasting(
                          0.0 if cache.hydrated >= len(order) else
                          hold_seconds(cspec))).until,
-                     upstream=lambda: self.upstream(image), on_progress=self.news)
+                     upstream=upstream, on_progress=self.news)
         h.start()
         self.hydrators[image] = h
         return h
-
-    def upstream(self, image: str) -> Upstream:
-        """How far this node's walk may go: as far as its parent holds in order, as the watch
-        has the parent's status now (the hydrator asks while it waits for it)."""
-        mine = self.kube.replica(replica_name(image, self.node)) or {}
-        parent = str((mine.get("spec") or {}).get("parent") or "")
-        if parent == names.ORIGIN:
-            return upstream_of(True, None)
-        theirs = self.kube.replica(replica_name(image, parent)) if parent else None
-        return upstream_of(False, (theirs or {}).get("status"))
 
     def _prefetch_order(self, image: str, prefetch: Mapping[str, Any], region: int,
                         size: int) -> tuple[list[int], str | None]:

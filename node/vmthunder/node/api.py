@@ -159,10 +159,9 @@ def _as_child(replica: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 # What a child's round reads of its parent's status (vmthunder.node.agent: parent_address,
-# parent_admits, known_size, peers_prefetching). Not the parent's hydratedInOrder, moving with
-# each prefetch batch: the child's hydrator reads that from the watch itself (Agent.upstream),
-# and peers_prefetching (the background walk's yielding) takes it at the next round.
-PARENT_FIELDS = ("exportAddress", "exportInitiators", "imageSizeBytes", "phase", "holdUntil")
+# parent_admits, known_size, upstream_of, peers_prefetching).
+PARENT_FIELDS = ("exportAddress", "exportInitiators", "imageSizeBytes", "phase",
+                 "hydratedInOrder", "holdUntil")
 
 
 def _as_parent(replica: Mapping[str, Any]) -> tuple[Any, ...]:

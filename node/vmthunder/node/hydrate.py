@@ -27,7 +27,6 @@ from vmthunder.node.cache import CacheBackend
 
 log = logging.getLogger(__name__)
 PROGRAM_ID = "vmthunder"
-UPSTREAM_POLL_SECONDS = 0.25  # a look at the watch's copy of the parent's status: no request
 
 
 @dataclass(frozen=True)
@@ -203,17 +202,15 @@ def upstream_of(parent_is_origin: bool, parent_status: Mapping[str, Any] | None)
 class Hydrator(threading.Thread):
     """One image: walk the hydration order (prefetch, then background), keep read regions local.
 
-    The walk publishes its progress (`hydrated_in_order`); `upstream` (the parent's, as its
-    status says now) holds a backend that does not cache reads behind its parent, so a tree
-    hydrates as a pipeline, each region crossing each link once. It is read when the walk
-    waits for it, from the agent's watch: taken from the agent's rounds instead, each batch
-    waited a child's round at each level of the tree, and each child ran a round per batch.
-    dm-clone's own background hydration sweeps up at the end whatever a restart skipped."""
+    The walk publishes its progress (`hydrated_in_order`); `upstream` (kept current by the
+    agent from the parent's status) holds a backend that does not cache reads behind its
+    parent, so a tree hydrates as a pipeline, each region crossing each link once. dm-clone's
+    own background hydration sweeps up at the end whatever a restart skipped."""
 
     def __init__(self, image: str, backend: CacheBackend, *, size: int, region_bytes: int,
                  profile: Sequence[int], queue_depth: int, throttle: int,
                  idle_seconds: float = 0.0, hold_until: float = 0.0,
-                 upstream: Callable[[], Upstream] = lambda: UNLIMITED,
+                 upstream: Upstream = UNLIMITED,
                  on_progress: Callable[[], None] = lambda: None) -> None:
         super().__init__(name=f"hydrate-{image}", daemon=True)
         self.image = image
@@ -264,7 +261,7 @@ class Hydrator(threading.Thread):
                 self.on_progress()
 
     def _limit(self) -> int | None:
-        up = self.upstream()
+        up = self.upstream
         return None if self.backend.caches_reads or up.complete else up.hydrated_in_order
 
     def _run(self) -> None:
@@ -316,8 +313,7 @@ class Hydrator(threading.Thread):
             end = min(len(order), done + batch, len(self.profile) if prefetching else len(order),
                       len(order) if limit is None else limit)
             if end <= done:
-                # The parent is behind: its next report moves us on.
-                self.stopping.wait(UPSTREAM_POLL_SECONDS)
+                self.stopping.wait(0.5)  # the parent is behind: its next report moves us on
                 continue
             self.bytes_read += self.backend.hydrate(self.image, order[done:end],
                                                     self.region_bytes, self.size, self.queue_depth)
