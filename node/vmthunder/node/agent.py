@@ -8,12 +8,12 @@ restart the round reads the kernel (dmsetup, iscsi sessions in sysfs, configfs) 
 
 A round runs when the watches or the hydrators bring news for this node, or every --interval
 (ROUND_INTERVAL: what only a look at the kernel finds, a session to the parent broken or back, is
-found that late). It is cheap once
-an image has converged: while what is wanted and the cache layer's state stay as the last full
-round left them, it reads only the cache layer's progress (one dmsetup call; a whole-stack read
-is about ten, ~1 s of a TCG lab guest's CPU), re-reading the whole stack every RESYNC_SECONDS;
-and it writes a status only when it changed. The heartbeats are the pulse's (plan_beats), a
-thread beside the rounds, so a long round or a long wait between rounds never lets one lapse.
+found that late). It is cheap once an image has converged: while what is wanted and the cache
+layer's state stay as the last full round left them, it reads only the cache layer's progress
+(one dmsetup call; a whole-stack read is about ten, ~1 s of a TCG lab guest's CPU), re-reading
+the whole stack every RESYNC_SECONDS; and it writes a status only when it changed. The
+heartbeats are the pulse's (plan_beats), a thread beside the rounds, so a long round or a long
+wait between rounds never lets one lapse.
 
 A node publishes its iSCSI initiator name in a status condition of type "Initiator" of its
 replicas, so a parent can give it an ACL; the CRD has no dedicated field for it.
@@ -416,8 +416,8 @@ def plan_full_round(last: Converged | None, want: stack.Want, cache: CacheState,
 
 def plan_beats(last_written: Mapping[str, datetime | None], round_busy: float,
                now: datetime) -> list[str]:
-    """The replicas whose heartbeat the pulse writes now: those whose status was last written
-    (by a round or a beat; None: never that we know) HEARTBEAT_SECONDS ago. The pulse owns
+    """The images whose replica's heartbeat the pulse writes now: those whose status was last
+    written (by a round or a beat; None: never that we know) HEARTBEAT_SECONDS ago. The pulse owns
     the heartbeats, not the rounds: under load a round takes minutes (an attach of 60 s, then
     the export), and the rounds without news are seconds apart, so a heartbeat written at a
     round's end can come more than the 20 s late that, once a child has lost its session,
@@ -425,7 +425,7 @@ def plan_beats(last_written: Mapping[str, datetime | None], round_busy: float,
     busy for ROUND_STUCK_SECONDS looks stuck: the node is left to go stale."""
     if round_busy >= ROUND_STUCK_SECONDS:
         return []
-    return [name for name, at in last_written.items()
+    return [image for image, at in last_written.items()
             if at is None or (now - at).total_seconds() >= HEARTBEAT_SECONDS]
 
 

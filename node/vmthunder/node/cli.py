@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default="/var/lib/vmthunder")
     p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND)
     p.add_argument("--interval", type=float, default=None,
-                   help="seconds between rounds without news (default: 2)")
+                   help="seconds between rounds without news (default: 5, the agent's "
+                        "ROUND_INTERVAL)")
     p.add_argument("--no-multipath", action="store_true",
                    help="-src as dm-linear (the SCSI layer queues I/O of a dead parent)")
     p.add_argument("--replacement-timeout", type=int, default=None)
